@@ -1,0 +1,42 @@
+"""`ademvl <command>`: every command lives in its own module, which adds its parser here.
+
+Each module listed in COMMANDS has `add_parser(subparsers)` that registers one sub-command and
+sets `func` (called with the parsed args, returns an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = [
+    "ademvl.commands",  # params, generate
+    "ademvl.train",  # train
+    "ademvl.evaluate",  # eval
+    "ademvl.score",  # score
+    "ademvl.tasks.shapes",  # data synth-shapes
+    "ademvl.bench",  # bench
+    "ademvl.demo",  # demo
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ademvl", description="ADEM-VL: teach a frozen LLM to see, cheaply.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError) as e:  # bad input: say what and how to fix, no traceback
+        print(f"ademvl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Reading image files robustly: every mode becomes RGB, and a bad file names itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file and the fix."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB.
+
+    Fallbacks (documented): palette/greyscale/CMYK are converted; an alpha channel is composited
+    on white; 16-bit images are scaled to 8 bits. A missing or unreadable file raises ImageError.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: image file not found; check the dataset's image root (--data-root / --image-root)")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ImageError(f"{path}: cannot read this image ({e}); re-encode it as PNG or JPEG") from e
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v * (1 / 256)).convert("L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
+        return background
+    return img.convert("RGB")

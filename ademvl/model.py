@@ -1,0 +1,307 @@
+"""ADEM-VL around an unmodified Hugging Face causal LM and vision tower (ADEM-VL.md, steps 1-7).
+
+The base models are frozen and untouched: the method enters through forward hooks on each
+vision block's MLP (adapters) and each decoder layer's MLP (fusion), and through the input
+embeddings (one [cls] token). Everything trainable lives in this module:
+
+    vision_adapters   step 1   one bottleneck per vision block that runs
+    proj              step 3   V (C) -> Xv (d), low rank
+    pos_k, pos_v      step 4   position tables shared by all layers
+    cls_proj          step 5   [cls] (C) -> one input embedding
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from . import hub
+from .config import AdemVLConfig
+from .data import IMAGE_TOKEN_ID, AdemProcessor
+from .fusion import VisualMemory
+from .vision import make_adapters, multiscale, tower_features, truncate_tower
+
+WEIGHTS_NAME = "adapter.safetensors"
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint was made for other base models."""
+
+
+class Projector(nn.Module):
+    """fc2(silu(fc1(x))): C -> hidden_proj -> d; Xavier weights, zero biases (step 3)."""
+
+    def __init__(self, c: int, hidden: int, d: int, zero_out: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, hidden), nn.Linear(hidden, d)
+        for fc in (self.fc1, self.fc2):
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.zeros_(fc.bias)
+        if zero_out:
+            nn.init.zeros_(self.fc2.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(nn.functional.silu(self.fc1(x)))
+
+
+def decoder_layers(llm: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a LLaMA/Mistral/Qwen2-style model (each with an `.mlp`)."""
+    layers = getattr(llm.get_decoder(), "layers", None)
+    if layers is None or not all(hasattr(layer, "mlp") for layer in layers):
+        raise TypeError(f"{type(llm).__name__}: expected decoder layers with an `.mlp` (LLaMA, Mistral, Qwen2 layout)")
+    return layers
+
+
+class AdemVLModel(nn.Module):
+    """A frozen LLM that sees through ADEM-VL. Use `from_pretrained` / `build` to make one."""
+
+    def __init__(self, llm: nn.Module, vision: nn.Module, config: AdemVLConfig, tokenizer: Any = None) -> None:
+        super().__init__()
+        self.config = config
+        self.llm, self.vision, self.tokenizer = llm, vision, tokenizer
+        llm.requires_grad_(False)
+        vision.requires_grad_(False)
+        total_blocks = len(vision.encoder.layers)
+        truncate_tower(vision, config.vision_layer)  # the blocks after the one we read never run
+
+        d, c = llm.config.hidden_size, vision.config.hidden_size
+        n = config.num_visual_tokens
+        dev = next(llm.parameters()).device
+        with torch.device(dev):
+            self.vision_adapters = make_adapters(vision, config)
+            self.proj = Projector(c, config.hidden_proj, d, config.proj_zero_init)
+            self.cls_proj = Projector(c, config.hidden_proj, d, config.proj_zero_init) if config.use_cls else None
+            self.pos_k = nn.Parameter(torch.randn(n, d) * 0.02)  # (N, d), E_k
+            self.pos_v = nn.Parameter(torch.zeros(n, d))  # (N, d), E_v
+        self.memory = VisualMemory(config.alpha, config.drop_ratio, config.qk_act)
+
+        for block, adapter in zip(vision.encoder.layers, self.vision_adapters):
+            block.mlp.register_forward_hook(adapter.mlp_hook)
+        for layer in decoder_layers(llm):
+            layer.mlp.register_forward_hook(self.memory.mlp_hook)
+
+        grid = (vision.config.image_size // vision.config.patch_size) ** 2
+        config.base = {
+            "llm": config.llm, "llm_type": llm.config.model_type, "hidden_size": d,
+            "num_layers": len(decoder_layers(llm)), "vocab_size": llm.config.vocab_size,
+            "vision": config.vision, "vision_width": c, "vision_blocks": total_blocks,
+            "image_size": vision.config.image_size, "patches": grid,
+        }
+        if dev.type != "meta" and (config.vision == hub.EMBEDDED_VISION or config.vision.startswith("random:")):
+            config.base["vision_fingerprint"] = hub.fingerprint(vision)
+        self.train(False)
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def build(cls, config: AdemVLConfig | None = None, dtype: torch.dtype = torch.float32) -> "AdemVLModel":
+        """Load config.llm and config.vision (names as in ademvl.hub) and wrap them."""
+        config = config or AdemVLConfig()
+        llm = hub.load_llm(config.llm, dtype=dtype)
+        vision = hub.load_vision(config.vision, dtype=dtype)
+        return cls(llm, vision, config, hub.load_tokenizer(config.llm))
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | Path, llm: str | None = None, vision: str | None = None,
+                        dtype: torch.dtype = torch.float32) -> "AdemVLModel":
+        """Rebuild the base models named in the checkpoint (or `llm`/`vision`) and load the weights."""
+        config = AdemVLConfig.load(checkpoint)
+        saved = dict(config.base)
+        config = config.replace(llm=llm or config.llm, vision=vision or config.vision, base={})
+        model = cls.build(config, dtype=dtype)
+        model.load_adapter(checkpoint, expected_base=saved)
+        return model
+
+    @property
+    def processor(self) -> AdemProcessor:
+        if self.tokenizer is None:
+            raise ValueError("this model was built without a tokenizer; pass one to AdemVLModel(...)")
+        if getattr(self, "_processor", None) is None:
+            self._processor = AdemProcessor(self.tokenizer, self.config, self.vision.config.image_size)
+        return self._processor
+
+    # ---- what trains ------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "AdemVLModel":
+        super().train(mode)
+        self.llm.eval()  # frozen: no dropout in the base models, ever
+        self.vision.eval()
+        return self
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return {k: p for k, p in self.named_parameters() if p.requires_grad}
+
+    def parameter_groups(self) -> dict[str, int]:
+        """Trainable parameter counts by group (the paper's "What trains")."""
+        groups: dict[str, int] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                key = name.split(".")[0]
+                groups[key] = groups.get(key, 0) + p.numel()
+        return groups
+
+    def num_trainable(self) -> int:
+        return sum(self.parameter_groups().values())
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute the frozen LLM layers in backward (hooks run again with the same memory)."""
+        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ---- forward ----------------------------------------------------------------------------
+    def encode_images(self, pixel_values: Tensor, image_mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Steps 1-5: keys (B, N, d), values (B, N, d) and [cls] embeddings (n_img, d).
+
+        Only the samples with an image run through the tower. The image indicator gates the values
+        (tables included), so a sample without an image gets exactly zero from the fusion.
+        """
+        b = pixel_values.shape[0]
+        d = self.pos_k.shape[1]
+        dtype = self.pos_k.dtype
+        image_mask = image_mask.to(pixel_values.device).bool()
+        xv = torch.zeros(b, self.config.num_visual_tokens, d, device=pixel_values.device, dtype=dtype)  # (B, N, d)
+        cls_emb = None
+        if image_mask.any():
+            px = pixel_values[image_mask].to(next(self.vision.parameters()).dtype)
+            feats = tower_features(self.vision, px).to(dtype)  # (b, 1 + P, C)
+            visual = multiscale(feats[:, 1:], self.config.scales, self.config.pooling)  # (b, N, C)
+            xv = xv.index_put((image_mask.nonzero()[:, 0],), self.proj(visual) * self.config.beta)  # (B, N, d)
+            if self.cls_proj is not None:
+                cls_emb = self.cls_proj(feats[:, 0])  # (b, d)
+        gate = image_mask.to(dtype).view(b, 1, 1)  # image indicator
+        keys = xv + self.pos_k  # (B, N, d)
+        values = (xv + self.pos_v) * gate  # (B, N, d)
+        return keys, values, cls_emb
+
+    def embed(self, input_ids: Tensor, cls_emb: Tensor | None) -> Tensor:
+        """Input embeddings with each image sample's placeholder replaced by its [cls] embedding."""
+        placeholder = input_ids == IMAGE_TOKEN_ID  # (B, T)
+        emb = self.llm.get_input_embeddings()(input_ids.clamp(min=0))  # (B, T, d)
+        if placeholder.any():
+            if cls_emb is None or placeholder.sum() != cls_emb.shape[0] or (placeholder.sum(1) > 1).any():
+                raise ValueError("each sample with an image needs exactly one [cls] placeholder "
+                                 "(build inputs with model.processor)")
+            emb = emb.index_put(placeholder.nonzero(as_tuple=True), cls_emb.to(emb.dtype))
+        return emb
+
+    def prepare(self, input_ids: Tensor, pixel_values: Tensor | None = None, image_mask: Tensor | None = None) -> Tensor:
+        """Set the visual memory for this batch and return the input embeddings."""
+        if pixel_values is None or image_mask is None or not image_mask.any():
+            self.memory.clear()
+            return self.embed(input_ids, None)
+        keys, values, cls_emb = self.encode_images(pixel_values, image_mask)
+        self.memory.set(keys, values)
+        return self.embed(input_ids, cls_emb)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
+                image_mask: Tensor | None = None, labels: Tensor | None = None, **kwargs: Any):
+        """Returns the LLM's CausalLMOutput; with labels, loss over the target tokens only."""
+        inputs_embeds = self.prepare(input_ids, pixel_values, image_mask)
+        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
+                 image_mask: Tensor | None = None, **generate_kwargs: Any) -> Tensor:
+        """transformers' generate() with the KV cache. Visual keys/values are made once per call.
+
+        Returns only the new tokens (B * num_return_sequences, new). Use left padding.
+        """
+        inputs_embeds = self.prepare(input_ids, pixel_values, image_mask)
+        expand = generate_kwargs.get("num_beams", 1) * generate_kwargs.get("num_return_sequences", 1)
+        self.memory.expand(expand)
+        generate_kwargs.setdefault("pad_token_id", self.processor.pad if self.tokenizer is not None else None)
+        try:
+            return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+        finally:
+            self.memory.clear()
+
+    def answer(self, images: list[Any], prompts: list[str], max_new_tokens: int = 32, **kwargs: Any) -> list[str]:
+        """Convenience: free-text answers to prompts about images (None for no image)."""
+        from .data import Sample
+
+        samples = [Sample(str(i), img, [(p, "")]) for i, (img, p) in enumerate(zip(images, prompts))]
+        batch = self.processor(samples, train=False)
+        dev = self.pos_k.device
+        batch = {k: v.to(dev) for k, v in batch.items() if k != "labels"}
+        out = self.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    # ---- save / load ------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write adapter.safetensors (trainable weights only) + ademvl_config.json, atomically.
+
+        Files go to a temporary sibling directory first, which then replaces `directory` by
+        rename: a crash mid-write never leaves a half-written checkpoint under the final name.
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.trainable_state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "ademvl": "1"})
+        self.config.save(tmp)
+        _fsync_dir(tmp)
+        old = directory.with_name(f".{directory.name}.old{os.getpid()}")
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        if old.exists():
+            shutil.rmtree(old)
+        return directory
+
+    def load_adapter(self, checkpoint: str | Path, expected_base: dict[str, Any] | None = None) -> None:
+        """Load trainable weights; names, shapes and base model must match, else a clear error."""
+        checkpoint = Path(checkpoint)
+        path = checkpoint / WEIGHTS_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no ADEM-VL weights here (expected {WEIGHTS_NAME} beside {AdemVLConfig.__name__} JSON)")
+        if expected_base is None:
+            expected_base = AdemVLConfig.load(checkpoint).base
+        state = load_file(str(path))
+        own = self.trainable_state_dict()
+        problems = [f"missing {k}" for k in own if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in own]
+        problems += [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                     for k, v in own.items() if k in state and state[k].shape != v.shape]
+        fp_saved, fp_now = expected_base.get("vision_fingerprint"), self.config.base.get("vision_fingerprint")
+        if fp_saved and fp_now and fp_saved != fp_now:
+            problems.append(f"the random vision tower's weights differ (fingerprint {fp_saved} expected, {fp_now} built)")
+        if problems:
+            raise CheckpointMismatch(
+                f"{checkpoint} does not fit this base model.\n"
+                f"  checkpoint made for: {_describe(expected_base)}\n"
+                f"  this model:          {_describe(self.config.base)}\n"
+                f"  differences: {'; '.join(problems[:6])}{' ...' if len(problems) > 6 else ''}\n"
+                f"Load it onto the base it expects, e.g. --llm {expected_base.get('llm')} --vision {expected_base.get('vision')}"
+            )
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(state[k].to(v.device, v.dtype))
+
+
+def _describe(base: dict[str, Any]) -> str:
+    if not base:
+        return "(unknown)"
+    return (f"LLM {base.get('llm')} ({base.get('llm_type')}, d={base.get('hidden_size')}, {base.get('num_layers')} layers) + "
+            f"vision {base.get('vision')} (width {base.get('vision_width')}, {base.get('vision_blocks')} blocks)")
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def build_meta(llm: str, vision: str, config: AdemVLConfig | None = None) -> AdemVLModel:
+    """The model's shapes on the meta device: 7B/13B cost nothing (used by `ademvl params`)."""
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+
+    config = (config or AdemVLConfig()).replace(llm=llm, vision=vision)
+    llm_cfg, vis_cfg = hub.shape_config(llm), hub.shape_config(vision)
+    with torch.device("meta"):
+        return AdemVLModel(AutoModelForCausalLM.from_config(llm_cfg), CLIPVisionModel(vis_cfg), config)
