@@ -112,5 +112,8 @@ class VisualMemory(nn.Module):
         if self.keys is None:
             return output
         h_n = args[0]
+        if h_n.shape[0] != self.keys.shape[0]:
+            raise RuntimeError(f"visual memory holds {self.keys.shape[0]} samples but the layer sees {h_n.shape[0]}; "
+                               "call the model (not model.llm) so the memory matches the batch")
         fused = self(h_n.to(self.keys.dtype)).to(output.dtype)
         return output + fused

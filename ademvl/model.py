@@ -150,6 +150,9 @@ class AdemVLModel(nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         """Recompute the frozen LLM layers in backward (hooks run again with the same memory)."""
         self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._checkpointing = True
+
+    _checkpointing = False
 
     # ---- forward ----------------------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor, image_mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -200,7 +203,13 @@ class AdemVLModel(nn.Module):
                 image_mask: Tensor | None = None, labels: Tensor | None = None, **kwargs: Any):
         """Returns the LLM's CausalLMOutput; with labels, loss over the target tokens only."""
         inputs_embeds = self.prepare(input_ids, pixel_values, image_mask)
-        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        try:
+            return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        finally:
+            # Gradient checkpointing re-runs the layers (and their hooks) in backward: keep the
+            # memory for it. Otherwise drop it, so a later direct call of self.llm is untouched.
+            if not (torch.is_grad_enabled() and self._checkpointing):
+                self.memory.clear()
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,

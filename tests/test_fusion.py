@@ -1,0 +1,87 @@
+"""The fusion (ADEM-VL.md step 6) against a direct, loop-by-loop computation of its equations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ademvl.fusion import VisualMemory, adaptive_drop, fuse, fuse_reference, num_dropped, qk_activation
+
+
+def direct(h_n: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """out[b, t] = alpha * sum_n A'[b, t, n] v[b, n], A = silu(h) . silu(k), the floor(gamma N) smallest dropped."""
+    b_, t_, d = h_n.shape
+    n = k.shape[1]
+    drop = math.floor(gamma * n)
+    out = torch.zeros(b_, t_, d, dtype=torch.float64)
+    for b in range(b_):
+        for t in range(t_):
+            scores = [float(F.silu(h_n[b, t].double()) @ F.silu(k[b, j].double())) for j in range(n)]
+            weakest = set(sorted(range(n), key=lambda j: scores[j])[:drop])
+            for j in range(n):
+                if j not in weakest:
+                    out[b, t] += scores[j] * v[b, j].double()
+    return alpha * out
+
+
+def test_fuse_equals_the_equations() -> None:
+    torch.manual_seed(0)
+    h, k, v = torch.randn(2, 5, 8), torch.randn(2, 20, 8), torch.randn(2, 20, 8)
+    expected = direct(h, k, v, alpha=0.1, gamma=0.1)
+    k_act = qk_activation(k, "silu")
+    torch.testing.assert_close(fuse(h, k_act, v, 0.1, 0.1, "silu").double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fuse_reference(h, k, v, 0.1, 0.1, "silu").double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gamma,n,expected", [(0.1, 320, 32), (0.1, 20, 2), (0.25, 7, 1), (0.0, 320, 0), (0.5, 3, 1)])
+def test_adaptive_drop_zeroes_exactly_floor_gamma_n_per_row(gamma: float, n: int, expected: int) -> None:
+    torch.manual_seed(0)
+    scores = torch.randn(3, 11, n) + 5.0  # distinct and non-zero, so every zero is a dropped entry
+    assert num_dropped(n, gamma) == expected
+    out = adaptive_drop(scores, gamma)
+    zeros = (out == 0).sum(-1)
+    assert zeros.eq(expected).all(), zeros
+    # the dropped entries are the smallest of their row; the kept ones are unchanged
+    order = scores.argsort(-1)
+    dropped = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order[..., :expected], True)
+    assert torch.equal(out == 0, dropped)
+    assert torch.equal(out[~dropped], scores[~dropped])
+
+
+def test_fast_and_reference_paths_agree_on_every_activation() -> None:
+    torch.manual_seed(0)
+    h, k, v = torch.randn(2, 9, 16), torch.randn(2, 40, 16), torch.randn(2, 40, 16)
+    for act in ("silu", "none", "relu", "elu", "softmax", "silu_positive"):
+        fast = fuse(h, qk_activation(k, act), v, 0.1, 0.1, act)
+        ref = fuse_reference(h, k, v, 0.1, 0.1, act)
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_qk_activations() -> None:
+    x = torch.tensor([-2.0, 0.0, 1.0])
+    assert torch.equal(qk_activation(x, "none"), x)
+    assert torch.equal(qk_activation(x, "relu"), torch.tensor([0.0, 0.0, 1.0]))
+    torch.testing.assert_close(qk_activation(x, "softmax").sum(), torch.tensor(1.0))
+    assert (qk_activation(torch.linspace(-10, 10, 1001), "silu_positive") >= 0).all()
+    with pytest.raises(ValueError, match="unknown qk activation"):
+        qk_activation(x, "tanh")
+
+
+def test_memory_hook_adds_fusion_to_mlp_output() -> None:
+    """The hook turns MLP(h_n) into MLP(h_n) + alpha * A @ V, and is a no-op with no memory."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Linear(8, 8)
+    mem = VisualMemory(alpha=0.1, drop_ratio=0.1, qk_act="silu")
+    mlp.register_forward_hook(mem.mlp_hook)
+    h, k, v = torch.randn(2, 4, 8), torch.randn(2, 20, 8), torch.randn(2, 20, 8)
+    plain = mlp(h)
+    mem.set(k, v)
+    fused = mlp(h)
+    torch.testing.assert_close(fused.double(), plain.double() + direct(h, k, v, 0.1, 0.1), rtol=1e-5, atol=1e-6)
+    mem.expand(3)  # beams: each sample repeated
+    assert mem.keys.shape == (6, 20, 8) and torch.equal(mem.values[3], v[1])
+    mem.clear()
+    assert torch.equal(mlp(h), plain)

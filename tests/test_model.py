@@ -1,0 +1,218 @@
+"""The wrapped model: steps 1-7 of ADEM-VL.md on tiny LLaMA / Qwen2 models and a tiny CLIP."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import CLIPVisionModel
+
+from ademvl import AdemVLConfig, AdemVLModel, CheckpointMismatch
+from ademvl.data import IMAGE_TOKEN_ID
+from ademvl.hub import load_vision
+
+from .conftest import perturb, samples, tiny_model
+
+
+def test_trainable_set_is_exactly_the_methods(llm_name: str) -> None:
+    model = tiny_model(llm_name)
+    d, c, n = 64, 32, 16 + 4
+    # tiny-clip has 3 blocks; reading the second to last runs 2, each with a 32->12->32 adapter
+    assert len(model.vision.encoder.layers) == 2
+    assert model.parameter_groups() == {
+        "vision_adapters": 2 * (32 * 12 + 12 * 32),
+        "proj": (c * 128 + 128) + (128 * d + d),
+        "cls_proj": (c * 128 + 128) + (128 * d + d),
+        "pos_k": n * d,
+        "pos_v": n * d,
+    }
+    assert not any(p.requires_grad for p in model.llm.parameters())
+    assert not any(p.requires_grad for p in model.vision.parameters())
+
+
+def test_visual_keys_and_values_follow_steps_1_to_4() -> None:
+    """K and V from a direct computation on an untouched, full-depth copy of the tower."""
+    model = tiny_model(beta=0.5)
+    perturb(model)
+    model.eval()
+    batch = model.processor(samples())
+    keys, values, cls_emb = model.encode_images(batch["pixel_values"], batch["image_mask"])
+
+    full = load_vision("random:tiny-clip")  # same seed: the same tower, all 3 blocks
+    img = batch["pixel_values"][batch["image_mask"]]
+    captured = []
+    hooks = [blk.mlp.register_forward_hook(lambda m, a, o, ad=ad: o + ad(a[0]))
+             for blk, ad in zip(full.encoder.layers, model.vision_adapters)]
+    with torch.no_grad():
+        hidden = full(pixel_values=img, output_hidden_states=True).hidden_states[-2]  # second to last
+    for h in hooks:
+        h.remove()
+    tokens = full.post_layernorm(hidden)  # (2, 1 + 16, 32)
+    grid = tokens[:, 1:].reshape(2, 4, 4, 32)
+    pooled = grid.reshape(2, 2, 2, 2, 2, 32).mean(dim=(2, 4)).reshape(2, 4, 32)  # 2x2 average: 4x4 -> 2x2
+    visual = torch.cat([tokens[:, 1:], pooled], dim=1)  # (2, 20, 32)
+    p = model.proj
+    xv = p.fc2(F.silu(p.fc1(visual))) * 0.5  # beta
+    with torch.no_grad():
+        torch.testing.assert_close(keys[[0, 2]], xv + model.pos_k)
+        torch.testing.assert_close(values[[0, 2]], xv + model.pos_v)
+        torch.testing.assert_close(cls_emb, model.cls_proj.fc2(F.silu(model.cls_proj.fc1(tokens[:, 0]))))
+    # the text-only sample (indicator 0) has all-zero values: no visual signal at all
+    assert torch.equal(values[1], torch.zeros_like(values[1]))
+
+
+def test_cls_token_sits_after_image_prefix() -> None:
+    model = tiny_model()
+    perturb(model)
+    batch = model.processor(samples())
+    ids = batch["input_ids"]
+    prefix = model.tokenizer("Image: ", add_special_tokens=False).input_ids
+    pos = (ids[0] == IMAGE_TOKEN_ID).nonzero().item()
+    assert ids[0, 0].item() == model.tokenizer.bos_token_id and ids[0, 1:pos].tolist() == prefix
+    assert (ids[1] == IMAGE_TOKEN_ID).sum() == 0  # text-only: "Image: N/A", no placeholder
+    na = model.tokenizer("Image: N/A", add_special_tokens=False).input_ids
+    assert ids[1, 1:1 + len(na)].tolist() == na
+    _, _, cls_emb = model.encode_images(batch["pixel_values"], batch["image_mask"])
+    emb = model.embed(ids, cls_emb)
+    torch.testing.assert_close(emb[0, pos], cls_emb[0])
+    torch.testing.assert_close(emb[2, (ids[2] == IMAGE_TOKEN_ID).nonzero().item()], cls_emb[1])
+
+
+def test_sample_without_image_gets_exactly_zero_visual_contribution(llm_name: str) -> None:
+    model = tiny_model(llm_name, alpha=1.0)
+    perturb(model)
+    batch = model.processor(samples())
+    seen = []
+    handle = model.llm.get_decoder().layers[0].mlp.register_forward_hook(lambda m, a, o: seen.append(model.memory(a[0])) if model.memory.keys is not None else None)
+    with torch.no_grad():
+        mixed = model(**batch).logits
+        assert seen[0][1].abs().max() == 0 and seen[0][0].abs().max() > 0
+        alone = model.llm(input_ids=batch["input_ids"][1:2], attention_mask=batch["attention_mask"][1:2]).logits
+    handle.remove()
+    torch.testing.assert_close(mixed[1:2], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_alpha_zero_without_cls_equals_base_model(llm_name: str) -> None:
+    model = tiny_model(llm_name, alpha=0.0, use_cls=False)
+    perturb(model)
+    batch = model.processor(samples())
+    assert (batch["input_ids"] == IMAGE_TOKEN_ID).sum() == 0
+    with torch.no_grad():
+        ours = model(**batch).logits
+        base = model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(ours, base, rtol=0, atol=0)
+
+
+def test_gradients_reach_only_trainable_and_base_stays_bit_identical(llm_name: str) -> None:
+    model = tiny_model(llm_name)
+    perturb(model)  # non-zero everywhere, so every trainable tensor gets a gradient
+    model.train()
+    base_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("vision_adapters", "proj", "cls_proj", "pos_"))}
+    opt = torch.optim.AdamW(model.trainable_state_dict().values(), lr=1e-2, weight_decay=0.02)
+    loss = model(**model.processor(samples())).loss
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    opt.step()
+    after = model.state_dict()
+    assert base_before and all(torch.equal(v, after[k]) for k, v in base_before.items())
+
+
+def test_greedy_generation_with_and_without_cache_match(llm_name: str) -> None:
+    model = tiny_model(llm_name, alpha=1.0, beta=1.0)
+    perturb(model)
+    batch = model.processor(samples(), train=False)  # mixed images / no image, left padding
+    batch.pop("labels")
+    assert batch["attention_mask"][:, 0].tolist() != [1, 1, 1]  # some sample is left-padded
+    cached = model.generate(**batch, max_new_tokens=8, do_sample=False)
+    uncached = model.generate(**batch, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    # each sample alone (no padding) gives the same tokens as in the left-padded batch
+    for i, s in enumerate(samples()):
+        one = model.processor([s], train=False)
+        one.pop("labels")
+        alone = model.generate(**one, max_new_tokens=8, do_sample=False)
+        assert alone[0].tolist() == cached[i, : alone.shape[1]].tolist()
+
+
+def test_visual_memory_is_computed_once_per_generate_call() -> None:
+    model = tiny_model()
+    perturb(model)
+    batch = model.processor(samples(), train=False)
+    batch.pop("labels")
+    calls = []
+    handle = model.proj.register_forward_hook(lambda *a: calls.append(1))
+    model.generate(**batch, max_new_tokens=5, do_sample=False)
+    handle.remove()
+    assert len(calls) == 1
+
+
+def test_sampling_and_beams_run() -> None:
+    model = tiny_model()
+    perturb(model)
+    batch = model.processor(samples(), train=False)
+    batch.pop("labels")
+    torch.manual_seed(0)
+    a = model.generate(**batch, max_new_tokens=4, do_sample=True, top_p=0.9, num_return_sequences=2)
+    torch.manual_seed(0)
+    b = model.generate(**batch, max_new_tokens=4, do_sample=True, top_p=0.9, num_return_sequences=2)
+    assert a.shape[0] == 6 and torch.equal(a, b)
+    beams = model.generate(**batch, max_new_tokens=4, do_sample=False, num_beams=2)
+    assert beams.shape[0] == 3
+
+
+def test_save_load_roundtrip_and_wrong_base(tmp_path, llm_name: str) -> None:
+    model = tiny_model(llm_name)
+    perturb(model)
+    batch = model.processor(samples())
+    with torch.no_grad():
+        before = model(**batch).logits
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["adapter.safetensors", "ademvl_config.json"]
+    loaded = AdemVLModel.from_pretrained(ckpt)
+    with torch.no_grad():
+        after = loaded(**batch).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+    other = "random:tiny-qwen2" if llm_name == "random:tiny-llama" else "random:tiny-llama"
+    wrong = tiny_model(other, scales=(16,))  # other LLM, other number of visual tokens
+    with pytest.raises(CheckpointMismatch, match=f"checkpoint made for: LLM {llm_name}") as err:
+        wrong.load_adapter(ckpt)
+    assert f"--llm {llm_name} --vision random:tiny-clip" in str(err.value)
+
+
+def test_save_is_atomic_and_replaces(tmp_path) -> None:
+    model = tiny_model()
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    perturb(model)
+    model.save_pretrained(ckpt)  # overwrite in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp directories left
+    fresh = tiny_model()
+    fresh.load_adapter(ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.trainable_state_dict().values(), model.trainable_state_dict().values()))
+
+
+def test_random_vision_tower_must_be_rebuilt_identically(tmp_path) -> None:
+    model = tiny_model()
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    other = tiny_model()
+    with torch.no_grad():
+        other.vision.embeddings.patch_embedding.weight.add_(1.0)
+    from ademvl import hub
+
+    other.config.base["vision_fingerprint"] = hub.fingerprint(other.vision)
+    with pytest.raises(CheckpointMismatch, match="random vision tower's weights differ"):
+        other.load_adapter(ckpt)
+
+
+def test_truncation_drops_unused_blocks_only() -> None:
+    model = tiny_model(vision_layer=-1)
+    assert len(model.vision.encoder.layers) == 3 and len(model.vision_adapters) == 3
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_model(vision_layer=-5)
+    assert isinstance(model.vision, CLIPVisionModel)
