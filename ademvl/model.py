@@ -149,7 +149,11 @@ class AdemVLModel(nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute the frozen LLM layers in backward (hooks run again with the same memory)."""
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self._checkpointing = True
 
     _checkpointing = False
