@@ -32,6 +32,8 @@ from transformers import (
     LlamaConfig,
     PretrainedConfig,
     Qwen2Config,
+    SiglipVisionConfig,
+    SiglipVisionModel,
 )
 
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
@@ -66,6 +68,10 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
                                                      projection_dim=512, hidden_act="quick_gelu")),
     "demo-clip": (CLIPVisionConfig, dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                                          num_attention_heads=4, image_size=224, patch_size=14, hidden_act="quick_gelu")),
+    "siglip-so400m-patch14-384": (SiglipVisionConfig, dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                                           num_attention_heads=16, image_size=384, patch_size=14)),
+    "tiny-siglip": (SiglipVisionConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                             num_attention_heads=4, image_size=224, patch_size=56)),
     # 224 px with patch 56 gives a 4x4 grid: scales (16, 4) in tests.
     "tiny-clip": (CLIPVisionConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                          num_attention_heads=4, image_size=224, patch_size=56, hidden_act="quick_gelu")),
@@ -93,8 +99,9 @@ def shape_config(name: str) -> PretrainedConfig:
         d = json.loads(path.read_text())
         if "vision_config" in d and d.get("model_type") in ("clip", "siglip"):
             d = d["vision_config"] | {"model_type": d["model_type"] + "_vision_model"}
-        if d.get("model_type") == "clip_vision_model":
-            return CLIPVisionConfig(**{k: v for k, v in d.items() if k != "model_type"})
+        vision_cls = {"clip_vision_model": CLIPVisionConfig, "siglip_vision_model": SiglipVisionConfig}.get(d.get("model_type"))
+        if vision_cls is not None:
+            return vision_cls(**{k: v for k, v in d.items() if k != "model_type"})
         return AutoConfig.for_model(**d)
     if name.startswith("embedded:"):
         raise ValueError(f"unknown embedded model {name!r}; available: {EMBEDDED_LLM}, {EMBEDDED_VISION}")
@@ -174,16 +181,25 @@ def load_vision(name: str, keep_blocks: int | None = None, dtype: torch.dtype = 
     """
     if name == EMBEDDED_VISION or name.startswith("random:"):
         cfg = shape_config(name)
-        model = _seeded(lambda: CLIPVisionModel(cfg)).to(dtype)
+        model = _seeded(lambda: vision_class(cfg)(cfg)).to(dtype)
     elif name.startswith("embedded:"):
         raise ValueError(f"unknown embedded model {name!r}; available: {EMBEDDED_LLM}, {EMBEDDED_VISION}")
     else:
         extra = {} if keep_blocks is None else {"num_hidden_layers": keep_blocks}
-        model = CLIPVisionModel.from_pretrained(name, dtype=dtype, **extra)
+        model = vision_class(shape_config(name)).from_pretrained(name, dtype=dtype, **extra)
     if keep_blocks is not None and keep_blocks < len(model.encoder.layers):
         model.encoder.layers = nn.ModuleList(list(model.encoder.layers)[:keep_blocks])
         model.config.num_hidden_layers = keep_blocks
     return model
+
+
+def vision_class(cfg: PretrainedConfig) -> type[nn.Module]:
+    """CLIPVisionModel or SiglipVisionModel, by the config's type."""
+    if "siglip" in cfg.model_type:
+        return SiglipVisionModel
+    if "clip" in cfg.model_type:
+        return CLIPVisionModel
+    raise ValueError(f"vision tower of type {cfg.model_type!r} is not supported; use a CLIP or SigLIP vision model")
 
 
 def fingerprint(module: nn.Module) -> str:

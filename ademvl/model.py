@@ -312,9 +312,9 @@ def _fsync_dir(path: Path) -> None:
 
 def build_meta(llm: str, vision: str, config: AdemVLConfig | None = None) -> AdemVLModel:
     """The model's shapes on the meta device: 7B/13B cost nothing (used by `ademvl params`)."""
-    from transformers import AutoModelForCausalLM, CLIPVisionModel
+    from transformers import AutoModelForCausalLM
 
     config = (config or AdemVLConfig()).replace(llm=llm, vision=vision)
     llm_cfg, vis_cfg = hub.shape_config(llm), hub.shape_config(vision)
     with torch.device("meta"):
-        return AdemVLModel(AutoModelForCausalLM.from_config(llm_cfg), CLIPVisionModel(vis_cfg), config)
+        return AdemVLModel(AutoModelForCausalLM.from_config(llm_cfg), hub.vision_class(vis_cfg)(vis_cfg), config)

@@ -57,17 +57,28 @@ def truncate_tower(tower: nn.Module, vision_layer: int) -> int:
     n = blocks_to_run(len(layers), vision_layer)
     tower.encoder.layers = nn.ModuleList(list(layers)[:n])
     tower.config.num_hidden_layers = n
+    if getattr(tower, "use_head", False):  # SigLIP's pooling head reads the last block: never used here
+        tower.use_head = False
+        del tower.head
     return n
+
+
+def has_cls_token(tower: nn.Module) -> bool:
+    """CLIP prepends a [cls] token; SigLIP has none (its pooling is an attention head)."""
+    return "siglip" not in tower.config.model_type
 
 
 def tower_features(tower: nn.Module, pixel_values: Tensor) -> Tensor:
     """Run the (truncated) tower and apply its final LayerNorm to every token, as the released code.
 
     Returns (B, 1 + P, C): token 0 is [cls], tokens 1..P the patch grid. CLIP's output projection
-    is not applied.
+    is not applied. SigLIP already normalises its last hidden state and has no [cls]: the mean of
+    the patch tokens stands in for it.
     """
-    hidden = tower(pixel_values=pixel_values).last_hidden_state  # (B, 1 + P, C)
-    return tower.post_layernorm(hidden)
+    hidden = tower(pixel_values=pixel_values).last_hidden_state  # (B, 1 + P, C) or (B, P, C)
+    if has_cls_token(tower):
+        return tower.post_layernorm(hidden)
+    return torch.cat([hidden.mean(dim=1, keepdim=True), hidden], dim=1)  # (B, 1 + P, C)
 
 
 def multiscale(patches: Tensor, scales: tuple[int, ...], pooling: str) -> Tensor:

@@ -216,3 +216,19 @@ def test_truncation_drops_unused_blocks_only() -> None:
     with pytest.raises(ValueError, match="out of range"):
         tiny_model(vision_layer=-5)
     assert isinstance(model.vision, CLIPVisionModel)
+
+
+def test_siglip_tower_without_cls_token() -> None:
+    """SigLIP: no [cls] token, last state already normalised; the patch mean stands in for [cls]."""
+    model = tiny_model(vision="random:tiny-siglip")
+    perturb(model)
+    assert not hasattr(model.vision, "head") and len(model.vision.encoder.layers) == 2
+    batch = model.processor(samples())
+    from ademvl.vision import tower_features
+
+    with torch.no_grad():
+        feats = tower_features(model.vision, batch["pixel_values"][:1])
+        assert feats.shape == (1, 1 + 16, 32)
+        torch.testing.assert_close(feats[:, 0], feats[:, 1:].mean(1))
+        loss = model(**batch).loss
+    assert torch.isfinite(loss)
