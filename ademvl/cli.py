@@ -12,12 +12,7 @@ import sys
 
 COMMANDS = [
     "ademvl.commands",  # params, generate
-    "ademvl.train",  # train
-    "ademvl.evaluate",  # eval
-    "ademvl.score",  # score
     "ademvl.tasks.shapes",  # data synth-shapes
-    "ademvl.bench",  # bench
-    "ademvl.demo",  # demo
 ]
 
 

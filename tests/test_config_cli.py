@@ -78,3 +78,19 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         grads.append({k: p.grad.clone() for k, p in model.trainable_state_dict().items()})
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
+
+
+def test_generate_command_answers_about_an_image_file(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    model = tiny_model()
+    perturb(model)
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    Image.new("RGB", (80, 60), (0, 128, 0)).save(tmp_path / "green.png")
+    expected = model.answer([Image.open(tmp_path / "green.png")], ["What color?"], max_new_tokens=5, do_sample=False)[0]
+    args = ["generate", "--checkpoint", str(ckpt), "--prompt", "What color?", "--max-new-tokens", "5"]
+    assert main(args + ["--image", str(tmp_path / "green.png")]) == 0
+    assert capsys.readouterr().out.strip() == expected
+    assert main(args + ["--image", str(tmp_path / "missing.png")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.png: image file not found" in err and "Traceback" not in err

@@ -85,3 +85,24 @@ def test_memory_hook_adds_fusion_to_mlp_output() -> None:
     assert mem.keys.shape == (6, 20, 8) and torch.equal(mem.values[3], v[1])
     mem.clear()
     assert torch.equal(mlp(h), plain)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_hand_written_backward_matches_autograd_of_the_reference(with_residual: bool) -> None:
+    """fuse's own backward (indices of the k+1 weakest, no mask) gives the reference's gradients."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 20, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 20, 16, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 7, 16, dtype=torch.float64)
+
+    def grads(fn) -> list[torch.Tensor]:
+        out = fn()
+        return list(torch.autograd.grad(out, (h, k, v, r) if with_residual else (h, k, v), g))
+
+    res = r if with_residual else None
+    fast = grads(lambda: fuse(h, qk_activation(k, "silu"), v, 0.1, 0.1, "silu", residual=res))
+    ref = grads(lambda: fuse_reference(h, k, v, 0.1, 0.1, "silu") + (r if with_residual else 0))
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
