@@ -12,6 +12,7 @@ import sys
 
 COMMANDS = [
     "ademvl.commands",  # params, generate
+    "ademvl.train",  # train
     "ademvl.tasks.shapes",  # data synth-shapes
 ]
 
@@ -25,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):  # only `train` takes --section.key overrides
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError) as e:  # bad input: say what and how to fix, no traceback

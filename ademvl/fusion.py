@@ -142,6 +142,12 @@ def fuse(h_n: Tensor, k_act: Tensor, v: Tensor, alpha: float, drop_ratio: float,
     q = qk_activation(h_n, qk_act)  # (B, T, d)
     n_drop = num_dropped(k_act.shape[1], drop_ratio)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_act, v, residual)):
+        device = q.device.type
+        if torch.is_autocast_enabled(device):  # the Function's backward runs outside autocast: one dtype in
+            dt = torch.get_autocast_dtype(device)
+            with torch.autocast(device, enabled=False):
+                return _Attend.apply(q.to(dt), k_act.to(dt), v.to(dt), None if residual is None else residual.to(dt),
+                                     alpha, n_drop)
         return _Attend.apply(q, k_act, v, residual, alpha, n_drop)
     return _attend(q, k_act, v, residual, alpha, n_drop)[0]  # inference: no autograd bookkeeping
 

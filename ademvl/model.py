@@ -175,9 +175,9 @@ class AdemVLModel(nn.Module):
             px = pixel_values[image_mask].to(next(self.vision.parameters()).dtype)
             feats = tower_features(self.vision, px).to(dtype)  # (b, 1 + P, C)
             visual = multiscale(feats[:, 1:], self.config.scales, self.config.pooling)  # (b, N, C)
-            xv = xv.index_put((image_mask.nonzero()[:, 0],), self.proj(visual) * self.config.beta)  # (B, N, d)
+            xv = xv.index_put((image_mask.nonzero()[:, 0],), (self.proj(visual) * self.config.beta).to(dtype))  # (B, N, d)
             if self.cls_proj is not None:
-                cls_emb = self.cls_proj(feats[:, 0])  # (b, d)
+                cls_emb = self.cls_proj(feats[:, 0]).to(dtype)  # (b, d)
         gate = image_mask.to(dtype).view(b, 1, 1)  # image indicator
         keys = xv + self.pos_k  # (B, N, d)
         values = (xv + self.pos_v) * gate  # (B, N, d)

@@ -1,0 +1,447 @@
+"""`ademvl train --config FILE`: the training recipe, on Hugging Face Accelerate.
+
+One process on a CPU by default; `accelerate launch` or `torchrun` for data parallel, and FSDP or
+DeepSpeed through Accelerate's own config files (configs/accelerate/). No process group or
+gradient sync is written here: Accelerate wraps the model (DDP) and owns mixed precision.
+
+A config file has three sections (see configs/*.yaml):
+
+    model:  AdemVLConfig fields (the method; ademvl/config.py)
+    data:   task: NAME plus that task's `load_samples` arguments (ademvl/tasks/NAME.py)
+    train:  TrainConfig fields below
+
+and any key can be overridden on the command line: `--train.batch_size 4 --model.beta 0.1`.
+
+Data order: the sample order of epoch e is a permutation seeded by (seed, e), and optimizer step
+s takes the global batch order[s * B : (s + 1) * B]. The position in the data is therefore the
+step number alone, which makes resuming exact and lets every rank pick its own share of the
+same global batch (rank r, micro-step m takes slice m * world + r), so N processes with
+batch b see exactly the samples of one process with batch b and N accumulation steps.
+
+Checkpoints (OUT/checkpoints/step-N/) hold the trainable weights and config (loadable with
+AdemVLModel.from_pretrained) plus trainer_state.pt and one rng_state_RANK.pt per process. They
+are written to a hidden temporary directory and renamed into place: a kill mid-write leaves the
+previous checkpoint as the newest complete one. The final weights go to OUT/checkpoint/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from .config import AdemVLConfig
+from .data import Sample
+from .model import AdemVLModel, _fsync_dir
+
+CHECKPOINTS = "checkpoints"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train. lr = blr x total batch / 256 (the released code's rule) unless `lr` is set."""
+
+    output_dir: str = "runs/train"
+    batch_size: int = 8  # per process, per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    epochs: float = 20
+    max_steps: int | None = None  # overrides epochs
+    blr: float = 9e-3
+    lr: float | None = None
+    # Multiply the lr of a parameter group (vision_adapters, proj, cls_proj, pos_k, pos_v).
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.02  # on matrices; biases and other 1-d parameters get none
+    warmup_epochs: float = 2
+    warmup_steps: int | None = None  # overrides warmup_epochs
+    min_lr: float = 0.0
+    clip_grad: float | None = 1.0
+    mixed_precision: str = "auto"  # auto (bf16 on GPU when supported, fp32 on CPU) | no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 500  # steps; the final checkpoint is always written
+    keep_last: int = 3
+    log_every: int = 1
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown train setting(s) {', '.join(unknown)}; valid: {', '.join(names)}")
+        cfg = cls(**d)
+        if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"train.mixed_precision={cfg.mixed_precision!r}: choose auto, no, bf16 or fp16")
+        if cfg.batch_size < 1 or cfg.grad_accum < 1:
+            raise ValueError("train.batch_size and train.grad_accum must be >= 1")
+        return cfg
+
+
+# ---- config files ----------------------------------------------------------------------------
+FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _numbers(obj: Any) -> Any:
+    """PyYAML reads 9e-3 as a string (YAML 1.1 wants 9.0e-3): read such strings as floats."""
+    if isinstance(obj, dict):
+        return {k: _numbers(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_numbers(v) for v in obj]
+    return float(obj) if isinstance(obj, str) and FLOAT.match(obj) else obj
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a YAML config and apply `--section.key value` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: config file not found (examples are in configs/)")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(cfg) - {"model", "data", "train"})
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {', '.join(unknown)}; valid: model, data, train")
+    for k in ("model", "data", "train"):
+        cfg[k] = dict(cfg.get(k) or {})
+    overrides = list(overrides or [])
+    while overrides:
+        key = overrides.pop(0)
+        if not key.startswith("--") or "." not in key:
+            raise ValueError(f"override {key!r}: write --section.key value, e.g. --train.batch_size 4")
+        key = key[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif overrides:
+            value = overrides.pop(0)
+        else:
+            raise ValueError(f"override --{key} needs a value")
+        section, *rest = key.split(".")
+        if section not in ("model", "data", "train"):
+            raise ValueError(f"override --{key}: the section must be model, data or train")
+        node = cfg[section]
+        for part in rest[:-1]:
+            node = node.setdefault(part, {})
+        node[rest[-1]] = yaml.safe_load(value)
+    return _numbers(cfg)
+
+
+def load_data(data_cfg: dict[str, Any]) -> list[Sample]:
+    """`ademvl.tasks.<task>.load_samples(**rest)` for the config's data section."""
+    data_cfg = dict(data_cfg)
+    task = data_cfg.pop("task", None)
+    if not task:
+        raise ValueError("data.task is missing (e.g. scienceqa, coco, instruct, synthetic)")
+    try:
+        module = importlib.import_module(f"ademvl.tasks.{task}")
+    except ModuleNotFoundError as e:
+        raise ValueError(f"data.task={task!r}: no such task (ademvl/tasks/{task}.py)") from e
+    samples = module.load_samples(**data_cfg)
+    if not samples:
+        raise ValueError(f"data: task {task} with {data_cfg} gave no samples")
+    return samples
+
+
+# ---- schedule and data order -----------------------------------------------------------------
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to min_lr (as a fraction of the peak lr)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def global_batch(step: int, n: int, total_batch: int, seed: int) -> list[int]:
+    """Sample indices of optimizer step `step`: a seeded permutation per epoch, drop-last."""
+    per_epoch = n // total_batch
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return perm[pos * total_batch : (pos + 1) * total_batch]
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under OUT/checkpoints, oldest first (temporary directories ignored)."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "trainer_state.pt").exists():
+        raise FileNotFoundError(f"{path}: not a training checkpoint (no trainer_state.pt); "
+                                f"pass a directory under OUTPUT/{CHECKPOINTS}/ or --resume auto")
+    return path
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- the loop --------------------------------------------------------------------------------
+class Trainer:
+    """Everything one training run holds. `fit()` runs it; the pieces are methods for reading."""
+
+    def __init__(self, cfg: dict[str, Any], resume: str | None = None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        self.cfg = cfg
+        self.tc = TrainConfig.from_dict(cfg["train"])
+        self.model_cfg = AdemVLConfig.from_dict(cfg["model"])
+        self.out = Path(self.tc.output_dir)
+        mp = self.tc.mixed_precision
+        if mp == "auto":
+            mp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "no"
+        # Batches without any image leave the vision-side parameters without gradient, so DDP
+        # must be told that some parameters may be unused in a step.
+        # cpu=True on a machine without an accelerator lets torchrun start gloo data parallel.
+        self.acc = Accelerator(mixed_precision=mp, cpu=not torch.accelerator.is_available(), log_with="tensorboard", project_dir=str(self.out),
+                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.resume_from = resolve_resume(resume, self.out)
+        set_seed(self.tc.seed)  # the same initial trainable weights on every rank
+
+        self.samples = load_data(cfg["data"])
+        self.total_batch = self.tc.batch_size * self.tc.grad_accum * self.acc.num_processes
+        if len(self.samples) < self.total_batch:
+            raise ValueError(f"{len(self.samples)} samples is fewer than one total batch of {self.total_batch} "
+                             "(batch_size x grad_accum x processes)")
+        steps_per_epoch = len(self.samples) // self.total_batch
+        self.max_steps = self.tc.max_steps or max(1, round(self.tc.epochs * steps_per_epoch))
+        self.warmup = self.tc.warmup_steps if self.tc.warmup_steps is not None else round(self.tc.warmup_epochs * steps_per_epoch)
+        self.warmup = max(1, min(self.warmup, self.max_steps))
+        self.lr = self.tc.lr if self.tc.lr is not None else self.tc.blr * self.total_batch / 256
+
+        with self.acc.main_process_first():  # the embedded LLM is converted once, by rank 0
+            model = AdemVLModel.build(self.model_cfg)
+        if self.tc.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.raw = model
+        self.processor = model.processor
+        optimizer = torch.optim.AdamW(self.param_groups(model), lr=self.lr, weight_decay=self.tc.weight_decay)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        min_ratio = self.tc.min_lr / self.lr if self.lr > 0 else 0.0
+        # Not handed to accelerate.prepare: its wrapper steps the schedule once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
+            lambda s: lr_lambda(s, self.warmup, self.max_steps, min_ratio))
+        self.step = 0
+        if self.resume_from is not None:
+            self.load_state(self.resume_from)
+
+    def param_groups(self, model: AdemVLModel) -> list[dict[str, Any]]:
+        """One AdamW group per (parameter group, decay or not), each with its lr multiplier."""
+        known = set(model.parameter_groups())
+        unknown = sorted(set(self.tc.lr_multipliers) - known)
+        if unknown:
+            raise ValueError(f"train.lr_multipliers: unknown group(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                groups.setdefault((name.split(".")[0], p.ndim > 1), []).append(p)
+        return [{"params": ps, "name": g, "lr": self.lr * self.tc.lr_multipliers.get(g, 1.0),
+                 "weight_decay": self.tc.weight_decay if decay else 0.0}
+                for (g, decay), ps in groups.items()]
+
+    def micro_batches(self, step: int) -> list[list[Sample]]:
+        """This rank's micro-batches of optimizer step `step` (see the module docstring)."""
+        idx = global_batch(step, len(self.samples), self.total_batch, self.tc.seed)
+        b, world, rank = self.tc.batch_size, self.acc.num_processes, self.acc.process_index
+        return [[self.samples[i] for i in idx[(m * world + rank) * b : (m * world + rank + 1) * b]]
+                for m in range(self.tc.grad_accum)]
+
+    def train_step(self, step: int) -> tuple[float, float]:
+        """Forward, backward, clip and update for one optimizer step. Returns (loss, grad norm)."""
+        self.model.train()
+        total = torch.zeros((), device=self.acc.device)
+        micro = self.micro_batches(step)
+        for m, samples in enumerate(micro):
+            batch = {k: v.to(self.acc.device) for k, v in self.processor(samples, train=True).items()}
+            sync = nullcontext() if m == len(micro) - 1 else self.acc.no_sync(self.model)
+            with sync:
+                with self.acc.autocast():
+                    loss = self.model(**batch).loss / len(micro)
+                self.acc.backward(loss)
+            total += loss.detach()
+        loss = self.acc.reduce(total, reduction="mean").item()  # the same number on every rank
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = list_checkpoints(self.out)
+            raise TrainingDiverged(
+                f"loss is {loss} at step {step + 1}; training stopped without applying this update. "
+                f"Last good checkpoint: {last[-1] if last else 'none'}. Lower the learning rate "
+                "(train.blr / train.lr_multipliers) or use --train.mixed_precision no, then --resume auto.")
+        norm = self.acc.clip_grad_norm_(self.raw_trainable(), self.tc.clip_grad) if self.tc.clip_grad else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, float(norm) if norm is not None else float("nan")
+
+    def raw_trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # ---- state ----
+    def save_state(self) -> Path | None:
+        """Write OUT/checkpoints/step-N atomically and keep the last K."""
+        self.acc.wait_for_everyone()
+        final = self.out / CHECKPOINTS / f"step-{self.step}"
+        tmp = final.with_name(f".{final.name}.tmp")
+        if self.acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            self.unwrapped().save_pretrained(tmp)
+            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "train": dataclasses.asdict(self.tc),
+                        "total_batch": self.total_batch, "max_steps": self.max_steps}, tmp / "trainer_state.pt")
+        self.acc.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng_state_{self.acc.process_index}.pt")  # every rank its own
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)  # the commit point
+            for old in list_checkpoints(self.out)[: -self.tc.keep_last]:
+                shutil.rmtree(old)
+        self.acc.wait_for_everyone()
+        return final
+
+    def load_state(self, path: Path) -> None:
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if state["total_batch"] != self.total_batch:
+            raise ValueError(f"{path}: saved with total batch {state['total_batch']}, this run has {self.total_batch} "
+                             "(batch_size x grad_accum x processes); the data position would not continue")
+        self.unwrapped().load_adapter(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        rng = path / f"rng_state_{self.acc.process_index}.pt"
+        if rng.exists():
+            _set_rng_state(torch.load(rng, weights_only=False))
+
+    def unwrapped(self) -> AdemVLModel:
+        return self.acc.unwrap_model(self.model)
+
+    def weights_checksum(self) -> float:
+        return float(sum(p.detach().double().sum() for p in self.unwrapped().trainable_state_dict().values()))
+
+    # ---- run ----
+    def fit(self) -> dict[str, Any]:
+        """Train to max_steps; returns a summary (also written to OUT/summary.json)."""
+        main = self.acc.is_main_process
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg, sort_keys=False))
+            self.acc.init_trackers("tensorboard")
+        log = open(self.out / "log.jsonl", "a") if main else None
+        if main:
+            where = f"resumed from {self.resume_from} at step {self.step}" if self.resume_from else "from scratch"
+            print(f"ademvl train: {len(self.samples)} samples, total batch {self.total_batch} "
+                  f"({self.acc.num_processes} process(es) x {self.tc.batch_size} x {self.tc.grad_accum} accum), "
+                  f"{self.max_steps} steps, lr {self.lr:.3g}, {self.raw.num_trainable():,} trainable parameters, {where}",
+                  file=sys.stderr)
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not main, dynamic_ncols=True)
+        start, t_last, losses = time.time(), time.time(), []
+        try:
+            while self.step < self.max_steps:
+                lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
+                loss, norm = self.train_step(self.step)
+                self.step += 1
+                now = time.time()
+                sec, t_last = now - t_last, now
+                losses.append(loss)
+                if main and (self.step % self.tc.log_every == 0 or self.step == self.max_steps):
+                    row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "sec_per_step": sec,
+                           "epoch": self.step * self.total_batch / len(self.samples), "time": now - start}
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    self.acc.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": norm,
+                                  "train/sec_per_step": sec}, step=self.step)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_per_step=f"{sec:.2f}")
+                bar.update(1)
+                if self.step % self.tc.save_every == 0 or self.step == self.max_steps:
+                    self.save_state()
+        finally:
+            bar.close()
+            if log:
+                log.close()
+        self.acc.wait_for_everyone()
+        sums = self.acc.gather(torch.tensor([self.weights_checksum()], dtype=torch.float64, device=self.acc.device))
+        summary = {"steps": self.step, "final_loss": losses[-1] if losses else None, "wall_s": time.time() - start,
+                   "sec_per_step": (time.time() - start) / max(1, len(losses)), "processes": self.acc.num_processes,
+                   "ranks_identical": bool((sums == sums[0]).all()), "trainable_params": self.raw.num_trainable(),
+                   "checkpoint": str(self.out / "checkpoint")}
+        if main:
+            self.unwrapped().save_pretrained(self.out / "checkpoint")
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        self.acc.end_training()
+        return summary
+
+
+def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
+    """Run the recipe for a loaded config (see `load_config`)."""
+    return Trainer(cfg, resume).fit()
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train ADEM-VL from a YAML config (Accelerate; torchrun/accelerate launch for many GPUs)",
+                       description="Any config key can be overridden: --train.batch_size 4 --model.beta 0.1 --data.root DIR")
+    p.add_argument("--config", required=True, help="YAML file with model:, data:, train: sections (see configs/)")
+    p.add_argument("--output-dir", help="where checkpoints and logs go (train.output_dir)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
+    p.add_argument("--resume", help="a checkpoint directory, or 'auto' for the newest in the output directory")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.set_defaults(func=run, accepts_overrides=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    for key, value in (("output_dir", args.output_dir), ("max_steps", args.max_steps), ("seed", args.seed)):
+        if value is not None:
+            cfg["train"][key] = value
+    try:
+        summary = train(cfg, args.resume)
+    except TrainingDiverged as e:
+        print(f"ademvl train: error: {e}", file=sys.stderr)
+        return 1
+    if summary["processes"] == 1 or os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary))
+    return 0

@@ -1,0 +1,156 @@
+"""The training recipe (ademvl/train.py): data parallel, exact resume, crash-safe checkpoints, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ademvl import AdemVLModel
+from ademvl.cli import main
+from ademvl.train import Trainer, global_batch, list_checkpoints, load_config, lr_lambda, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoint" / "adapter.safetensors"))
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def tiny(out: Path, *overrides: str) -> dict:
+    return load_config(TINY, ["--train.output_dir", str(out), *overrides])
+
+
+def test_config_overrides_lr_rule_and_errors(tmp_path: Path) -> None:
+    cfg = load_config(TINY, ["--train.batch_size", "2", "--model.beta=0.5", "--train.lr_multipliers.proj", "3"])
+    assert cfg["train"]["batch_size"] == 2 and cfg["model"]["beta"] == 0.5 and cfg["train"]["lr_multipliers"] == {"proj": 3}
+    assert load_config(TINY, ["--train.blr", "9e-3"])["train"]["blr"] == 0.009  # not the string PyYAML makes
+    t = Trainer(tiny(tmp_path, "--train.grad_accum", "3", "--train.lr_multipliers.proj", "3"))
+    assert t.total_batch == 12 and t.lr == pytest.approx(0.5 * 12 / 256)
+    lrs = {g["name"]: g["initial_lr"] for g in t.optimizer.param_groups}
+    assert lrs["proj"] == pytest.approx(3 * t.lr) and lrs["pos_k"] == pytest.approx(t.lr)
+    no_decay = {p for g in t.optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert all(p.ndim == 1 for p in no_decay) and len(no_decay) > 0
+    with pytest.raises(ValueError, match="unknown train setting.*valid: output_dir"):
+        Trainer(tiny(tmp_path, "--train.batchsize", "2"))
+    with pytest.raises(ValueError, match="lr_multipliers: unknown group.*valid: cls_proj"):
+        Trainer(tiny(tmp_path, "--train.lr_multipliers.projector", "2"))
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_schedule_and_data_order() -> None:
+    assert [round(lr_lambda(s, 2, 10, 0.0), 4) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    epoch0 = [i for s in range(4) for i in global_batch(s, 17, 4, seed=0)]
+    assert sorted(epoch0) == sorted(set(epoch0)) and len(epoch0) == 16  # each sample at most once, drop-last
+    assert global_batch(4, 17, 4, 0) != global_batch(0, 17, 4, 0)  # a new permutation per epoch
+    assert global_batch(5, 17, 4, 0) == global_batch(5, 17, 4, 0)  # a function of the step alone
+
+
+def test_resume_auto_ends_with_the_weights_of_an_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
+    full = train(tiny(tmp_path / "full", "--train.max_steps", "6"))
+    assert full["steps"] == 6
+
+    real_save = Trainer.save_state
+
+    def save_then_crash(self: Trainer):
+        path = real_save(self)
+        if self.step == 4:
+            raise KeyboardInterrupt  # interrupted right after the step-4 checkpoint
+        return path
+
+    monkeypatch.setattr(Trainer, "save_state", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path / "cut", "--train.max_steps", "6"))
+    monkeypatch.setattr(Trainer, "save_state", real_save)
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step-2", "step-4"]
+    resumed = Trainer(tiny(tmp_path / "cut", "--train.max_steps", "6"), resume="auto")
+    assert resumed.step == 4 and resumed.scheduler.last_epoch == 4
+    resumed.fit()
+
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    for k in a:  # dropout is on: the RNG state was restored too
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    assert losses(tmp_path / "cut")[-2:] == pytest.approx(losses(tmp_path / "full")[-2:], abs=1e-6)
+
+
+def test_data_parallel_two_processes_match_one_process_with_accumulation(tmp_path: Path) -> None:
+    """torchrun, 2 ranks x batch 4  ==  1 process x batch 4 x 2 accumulation steps (same global batch)."""
+    common = ["--config", str(TINY), "--max-steps", "4", "--model.adapter_dropout", "0"]
+    ddp = subprocess.run(["torchrun", "--nproc_per_node", "2", "-m", "ademvl", "train", *common,
+                          "--output-dir", str(tmp_path / "ddp")], capture_output=True, text=True, env=ENV, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "ademvl", "train", *common, "--train.grad_accum", "2",
+                          "--output-dir", str(tmp_path / "one")], capture_output=True, text=True, env=ENV, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["ranks_identical"] is True
+    assert [json.loads(line)["processes"] for line in ddp.stdout.splitlines() if line.startswith("{")] == [2]  # printed once
+    ckpts = list_checkpoints(tmp_path / "ddp")
+    assert [p.name for p in ckpts] == ["step-2", "step-4"]
+    assert sorted(f.name for f in ckpts[-1].iterdir()) == ["adapter.safetensors", "ademvl_config.json",
+                                                           "rng_state_0.pt", "rng_state_1.pt", "trainer_state.pt"]
+    assert len(losses(tmp_path / "ddp")) == 4  # one log line per step: only rank 0 writes
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_sigkill_during_checkpoint_write_leaves_a_loadable_newest_checkpoint(tmp_path: Path) -> None:
+    out, marker = tmp_path / "run", tmp_path / "writing"
+    script = textwrap.dedent(f"""
+        import time, ademvl.train as t
+        real = t._fsync_dir
+        def slow(path):
+            real(path)
+            if path.name == ".step-4.tmp":  # everything written, not yet renamed into place
+                open({str(marker)!r}, "w").close()
+                time.sleep(120)
+        t._fsync_dir = slow
+        from ademvl.cli import main
+        main(["train", "--config", {str(TINY)!r}, "--output-dir", {str(out)!r}, "--max-steps", "6"])
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), proc.stderr.read().decode()[-3000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    newest = list_checkpoints(out)[-1]
+    assert newest.name == "step-2"  # the half-committed step-4 is not taken for a checkpoint
+    AdemVLModel.from_pretrained(newest)  # loads
+    t = Trainer(load_config(TINY, ["--train.output_dir", str(out), "--train.max_steps", "6"]), resume="auto")
+    assert t.step == 2
+    t.fit()
+    assert [p.name for p in list_checkpoints(out)] == ["step-4", "step-6"]
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path: Path, capsys) -> None:
+    args = ["train", "--config", str(TINY), "--output-dir", str(tmp_path), "--train.lr", "1e30",
+            "--train.save_every", "1", "--train.warmup_steps", "1", "--train.clip_grad", "null"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "loss is nan" in err or "loss is inf" in err
+    newest = list_checkpoints(tmp_path)[-1]
+    assert f"Last good checkpoint: {newest}" in err and "--resume auto" in err
+    step = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["step"]
+    assert newest.name == f"step-{step}"
+    assert all(torch.isfinite(v).all() for v in load_file(str(newest / "adapter.safetensors")).values())
