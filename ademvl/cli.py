@@ -13,6 +13,8 @@ import sys
 COMMANDS = [
     "ademvl.commands",  # params, generate
     "ademvl.train",  # train
+    "ademvl.evaluate",  # eval scienceqa|coco|mme
+    "ademvl.score",  # score scienceqa|coco|mme
     "ademvl.tasks.shapes",  # data synth-shapes
 ]
 

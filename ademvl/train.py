@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from accelerate.utils import DistributedType
 from tqdm import tqdm
 
 from .config import AdemVLConfig
@@ -294,7 +295,9 @@ class Trainer:
         micro = self.micro_batches(step)
         for m, samples in enumerate(micro):
             batch = {k: v.to(self.acc.device) for k, v in self.processor(samples, train=True).items()}
-            sync = nullcontext() if m == len(micro) - 1 else self.acc.no_sync(self.model)
+            # DDP/FSDP: all-reduce only after the last micro-step (DeepSpeed accumulates itself).
+            last = m == len(micro) - 1 or self.acc.distributed_type == DistributedType.DEEPSPEED
+            sync = nullcontext() if last else self.acc.no_sync(self.model)
             with sync:
                 with self.acc.autocast():
                     loss = self.model(**batch).loss / len(micro)

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .config import AdemVLConfig
+from .images import to_rgb
 
 
 class VisionAdapter(nn.Module):
@@ -105,8 +106,7 @@ def multiscale(patches: Tensor, scales: tuple[int, ...], pooling: str) -> Tensor
 
 def image_to_tensor(image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """The released code's preprocessing: RGB, bicubic resize to size x size, ImageNet mean/std."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = to_rgb(image)  # the same mode rules as for files (alpha on white, 16-bit scaled)
     image = image.resize((size, size), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
