@@ -1,0 +1,45 @@
+"""`ademvl demo` end to end with tiny random models (the real run takes ~15 min; see docs/demo.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ademvl import AdemVLModel
+from ademvl.cli import main
+from ademvl.demo import per_type
+
+TINY = ["--model.llm", "random:tiny-llama", "--model.vision", "random:tiny-clip", "--model.scales", "[16, 4]",
+        "--train.max_steps", "3", "--train.batch_size", "4", "--train.save_every", "2"]
+
+
+def test_per_type_accuracy() -> None:
+    problems = {"1": {"qtype": "color", "answer": 0}, "2": {"qtype": "color", "answer": 1},
+                "3": {"qtype": "shape", "answer": 2}, "4": {"qtype": "text", "answer": 0}}
+    acc = per_type(problems, {"1": 0, "2": 0, "3": 2, "4": -1}, ["1", "2", "3", "4"])
+    assert acc == {"color": 50.0, "shape": 100.0, "text": 0.0, "image_questions": 66.67}
+
+
+def test_demo_writes_checkpoint_report_and_figures(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--n", "50", "--batch-size", "8", *TINY]) == 0
+    assert "image questions:" in capsys.readouterr().out
+    for f in ("report.md", "report.json", "loss.png", "drops.png", "checkpoint/adapter.safetensors",
+              "eval/trained/preds.json", "eval/blanked/scores.json", "eval/untrained/preds.json", "eval/shuffled/preds.json"):
+        assert (out / f).is_file(), f
+    report = json.loads((out / "report.json").read_text())
+    problems = json.loads((out / "data" / "problems.json").read_text())
+    test = json.loads((out / "data" / "pid_splits.json").read_text())["test"]
+    assert report["data"]["test_problems"] == len(test) == 5
+    for key, folder in (("trained", "trained"), ("images_blanked", "blanked"), ("untrained", "untrained")):
+        preds = json.loads((out / "eval" / folder / "preds.json").read_text())
+        assert report["results"][key]["per_type"] == per_type(problems, preds, test)
+    assert report["train"]["steps"] == 3 and report["trainable_params"] == AdemVLModel.from_pretrained(out / "checkpoint").num_trainable()
+    assert {"setting": "model.scales", "paper": [256, 64], "demo": [16, 4]} in [
+        {**c, "paper": list(c["paper"])} if isinstance(c["paper"], tuple) else c for c in report["changes_from_paper_defaults"]]
+    md = (out / "report.md").read_text()
+    assert "randomly initialised" in md and "image questions" in md and "![drops](drops.png)" in md
+    assert len(report["drops"]["images"]) == 4  # one test image of each type, both scales
+    for img in report["drops"]["images"]:
+        for counts in img["dropped_per_scale"].values():
+            assert sum(counts) == int(0.1 * 20)  # floor(gamma N) of N = 16 + 4 visual tokens
