@@ -204,16 +204,33 @@ class AdemVLModel(nn.Module):
         return self.embed(input_ids, cls_emb)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
-                image_mask: Tensor | None = None, labels: Tensor | None = None, **kwargs: Any):
-        """Returns the LLM's CausalLMOutput; with labels, loss over the target tokens only."""
+                image_mask: Tensor | None = None, labels: Tensor | None = None, loss_only: bool = False, **kwargs: Any):
+        """Returns the LLM's CausalLMOutput; with labels, loss over the target tokens only.
+
+        loss_only=True (training): the LM head runs only where a target token is predicted, not
+        over the whole vocabulary at every position; the loss is the same, `logits` is None.
+        """
         inputs_embeds = self.prepare(input_ids, pixel_values, image_mask)
         try:
+            if loss_only and labels is not None:
+                return self._target_loss(inputs_embeds, attention_mask, labels, **kwargs)
             return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
         finally:
             # Gradient checkpointing re-runs the layers (and their hooks) in backward: keep the
             # memory for it. Otherwise drop it, so a later direct call of self.llm is untouched.
             if not (torch.is_grad_enabled() and self._checkpointing):
                 self.memory.clear()
+
+    def _target_loss(self, inputs_embeds: Tensor, attention_mask: Tensor | None, labels: Tensor, **kwargs: Any):
+        """Mean cross-entropy over the target tokens, with the LM head applied to those positions only."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        hidden = self.llm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
+        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+        keep = targets != -100
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])  # (n_targets, vocab)
+        loss = nn.functional.cross_entropy(logits.float(), targets[keep])
+        return CausalLMOutputWithPast(loss=loss, logits=None)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,

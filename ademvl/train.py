@@ -300,7 +300,7 @@ class Trainer:
             sync = nullcontext() if last else self.acc.no_sync(self.model)
             with sync:
                 with self.acc.autocast():
-                    loss = self.model(**batch).loss / len(micro)
+                    loss = self.model(**batch, loss_only=True).loss / len(micro)
                 self.acc.backward(loss)
             total += loss.detach()
         loss = self.acc.reduce(total, reduction="mean").item()  # the same number on every rank

@@ -232,3 +232,17 @@ def test_siglip_tower_without_cls_token() -> None:
         torch.testing.assert_close(feats[:, 0], feats[:, 1:].mean(1))
         loss = model(**batch).loss
     assert torch.isfinite(loss)
+
+
+def test_loss_only_equals_the_full_loss_and_its_gradients() -> None:
+    model = tiny_model(adapter_dropout=0.0)
+    perturb(model)
+    batch = model.processor(samples(), train=True)
+    full = model(**batch)
+    g_full = torch.autograd.grad(full.loss, [p for p in model.parameters() if p.requires_grad])
+    fast = model(**batch, loss_only=True)
+    g_fast = torch.autograd.grad(fast.loss, [p for p in model.parameters() if p.requires_grad])
+    assert fast.logits is None
+    torch.testing.assert_close(fast.loss, full.loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_fast, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -91,7 +91,7 @@ def test_resume_auto_ends_with_the_weights_of_an_uninterrupted_run(tmp_path: Pat
 def test_data_parallel_two_processes_match_one_process_with_accumulation(tmp_path: Path) -> None:
     """torchrun, 2 ranks x batch 4  ==  1 process x batch 4 x 2 accumulation steps (same global batch)."""
     common = ["--config", str(TINY), "--max-steps", "4", "--model.adapter_dropout", "0"]
-    ddp = subprocess.run(["torchrun", "--nproc_per_node", "2", "-m", "ademvl", "train", *common,
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ademvl", "train", *common,
                           "--output-dir", str(tmp_path / "ddp")], capture_output=True, text=True, env=ENV, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one = subprocess.run([sys.executable, "-m", "ademvl", "train", *common, "--train.grad_accum", "2",
