@@ -16,6 +16,7 @@ COMMANDS = [
     "ademvl.evaluate",  # eval scienceqa|coco|mme
     "ademvl.score",  # score scienceqa|coco|mme
     "ademvl.tasks.shapes",  # data synth-shapes
+    "ademvl.bench",  # bench
     "ademvl.demo",  # demo
 ]
 

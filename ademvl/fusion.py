@@ -204,8 +204,12 @@ class VisualMemory(nn.Module):
             self.values = self.values.repeat_interleave(times, dim=0)
 
     def compile(self, **compile_kwargs) -> "VisualMemory":
-        """Run our fusion through torch.compile (dynamic shapes: T changes between prefill and decode)."""
-        compile_kwargs.setdefault("dynamic", True)
+        """Run our fusion through torch.compile.
+
+        Static shapes by default: the hand-written backward does not trace with dynamic=True on
+        torch 2.13 (inference compiles either way; prefill and decode then compile once each).
+        """
+        compile_kwargs.setdefault("dynamic", False)
         self._fuse = torch.compile(fuse, **compile_kwargs)
         return self
 
