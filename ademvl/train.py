@@ -222,7 +222,7 @@ class Trainer:
 
     def __init__(self, cfg: dict[str, Any], resume: str | None = None) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        from accelerate.utils import set_seed
 
         self.cfg = cfg
         self.tc = TrainConfig.from_dict(cfg["train"])
@@ -231,11 +231,8 @@ class Trainer:
         mp = self.tc.mixed_precision
         if mp == "auto":
             mp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "no"
-        # Batches without any image leave the vision-side parameters without gradient, so DDP
-        # must be told that some parameters may be unused in a step.
         # cpu=True on a machine without an accelerator lets torchrun start gloo data parallel.
-        self.acc = Accelerator(mixed_precision=mp, cpu=not torch.accelerator.is_available(), log_with="tensorboard", project_dir=str(self.out),
-                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.acc = Accelerator(mixed_precision=mp, cpu=not torch.accelerator.is_available(), log_with="tensorboard", project_dir=str(self.out))
         self.resume_from = resolve_resume(resume, self.out)
         set_seed(self.tc.seed)  # the same initial trainable weights on every rank
 
@@ -258,6 +255,7 @@ class Trainer:
         self.processor = model.processor
         optimizer = torch.optim.AdamW(self.param_groups(model), lr=self.lr, weight_decay=self.tc.weight_decay)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         min_ratio = self.tc.min_lr / self.lr if self.lr > 0 else 0.0
         # Not handed to accelerate.prepare: its wrapper steps the schedule once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -301,6 +299,9 @@ class Trainer:
             with sync:
                 with self.acc.autocast():
                     loss = self.model(**batch, loss_only=True).loss / len(micro)
+                    # A batch without images leaves the vision side without gradient; a zero term
+                    # gives every trainable parameter one, as DDP expects, with no extra graph walk.
+                    loss = loss + 0.0 * sum(p.sum() for p in self.trainable)
                 self.acc.backward(loss)
             total += loss.detach()
         loss = self.acc.reduce(total, reduction="mean").item()  # the same number on every rank
@@ -311,14 +312,11 @@ class Trainer:
                 f"loss is {loss} at step {step + 1}; training stopped without applying this update. "
                 f"Last good checkpoint: {last[-1] if last else 'none'}. Lower the learning rate "
                 "(train.blr / train.lr_multipliers) or use --train.mixed_precision no, then --resume auto.")
-        norm = self.acc.clip_grad_norm_(self.raw_trainable(), self.tc.clip_grad) if self.tc.clip_grad else None
+        norm = self.acc.clip_grad_norm_(self.trainable, self.tc.clip_grad) if self.tc.clip_grad else None
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, float(norm) if norm is not None else float("nan")
-
-    def raw_trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     # ---- state ----
     def save_state(self) -> Path | None:

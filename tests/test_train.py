@@ -154,3 +154,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     step = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["step"]
     assert newest.name == f"step-{step}"
     assert all(torch.isfinite(v).all() for v in load_file(str(newest / "adapter.safetensors")).values())
+
+
+def test_batches_without_images_train(tmp_path: Path) -> None:
+    """Only text: the vision side gets zero gradient (DDP needs one for every parameter), no crash."""
+    summary = train(tiny(tmp_path, "--data.text_only_fraction", "1.0", "--train.max_steps", "2"))
+    assert summary["steps"] == 2 and summary["final_loss"] > 0
