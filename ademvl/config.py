@@ -18,6 +18,14 @@ QK_ACTIVATIONS = ("silu", "none", "relu", "elu", "softmax", "silu_positive")
 POOLINGS = ("avg", "max")
 
 
+def check_keys(cls: type, d: dict[str, Any], what: str) -> None:
+    """Unknown keys are an error that lists the valid ones (a typo must not pass silently)."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; valid keys: {', '.join(valid)}")
+
+
 @dataclass
 class AdemVLConfig:
     """Settings of the method. Defaults are the released code's (ADEM-VL.md, "Training settings")."""
@@ -97,10 +105,7 @@ class AdemVLConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AdemVLConfig":
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown AdemVLConfig key(s) {unknown}; valid keys: {', '.join(valid)}")
+        check_keys(cls, d, "AdemVLConfig key")
         return cls(**d)
 
     def replace(self, **changes: Any) -> "AdemVLConfig":

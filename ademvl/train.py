@@ -48,7 +48,7 @@ import yaml
 from accelerate.utils import DistributedType
 from tqdm import tqdm
 
-from .config import AdemVLConfig
+from .config import AdemVLConfig, check_keys
 from .data import Sample
 from .model import AdemVLModel, _fsync_dir
 
@@ -87,10 +87,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"unknown train setting(s) {', '.join(unknown)}; valid: {', '.join(names)}")
+        check_keys(cls, d, "train setting")
         cfg = cls(**d)
         if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"train.mixed_precision={cfg.mixed_precision!r}: choose auto, no, bf16 or fp16")

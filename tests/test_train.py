@@ -46,7 +46,7 @@ def test_config_overrides_lr_rule_and_errors(tmp_path: Path) -> None:
     assert lrs["proj"] == pytest.approx(3 * t.lr) and lrs["pos_k"] == pytest.approx(t.lr)
     no_decay = {p for g in t.optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert all(p.ndim == 1 for p in no_decay) and len(no_decay) > 0
-    with pytest.raises(ValueError, match="unknown train setting.*valid: output_dir"):
+    with pytest.raises(ValueError, match="unknown train setting.*valid keys: output_dir"):
         Trainer(tiny(tmp_path, "--train.batchsize", "2"))
     with pytest.raises(ValueError, match="lr_multipliers: unknown group.*valid: cls_proj"):
         Trainer(tiny(tmp_path, "--train.lr_multipliers.projector", "2"))
