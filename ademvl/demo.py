@@ -50,14 +50,49 @@ def per_type(problems: dict[str, dict[str, Any]], preds: dict[str, int], pids: l
     return acc
 
 
+@torch.no_grad()
+def forced_choice(model: AdemVLModel, samples: list, batch_size: int = 16) -> dict[str, int]:
+    """The option whose letter is most likely right after "The answer is", for each sample.
+
+    The ScienceQA protocol counts an answer that does not follow the format as wrong, so a model
+    that never learned the format scores 0 whatever it knows. This reads what the model prefers
+    among the options regardless of format: one forward pass, the letter logits at the answer slot.
+    """
+    from tqdm import tqdm
+
+    from .data import IGNORE_INDEX, Sample
+
+    tok = model.tokenizer
+    prefix = len(tok.encode("The answer is", add_special_tokens=False))
+    letters = [tok.encode(f" {c}", add_special_tokens=False)[-1] for c in "ABCDE"]
+    was_training = model.training
+    model.eval()
+    preds: dict[str, int] = {}
+    for i in tqdm(range(0, len(samples), batch_size), desc="forced choice", unit="batch", mininterval=1.0):
+        chunk = [Sample(s.id, s.image, [(s.turns[-1][0], "The answer is A.")], s.meta) for s in samples[i : i + batch_size]]
+        batch = {k: v.to(model.pos_k.device) for k, v in model.processor(chunk, train=True).items()}
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (B, T, V)
+        start = (batch["labels"] != IGNORE_INDEX).int().argmax(1)  # first target token
+        slot = logits[torch.arange(len(chunk)), start + prefix - 1]  # the position that predicts the letter
+        for s, row in zip(chunk, slot):
+            preds[s.id] = int(row[letters[: len(s.meta["choices"])]].argmax())
+    model.train(was_training)
+    return preds
+
+
 def evaluate(model: AdemVLModel, data: Path, out: Path, blank: bool = False, batch_size: int = 16) -> dict[str, Any]:
-    """The ScienceQA protocol on the test split, plus accuracy per question type."""
+    """The ScienceQA protocol on the test split, accuracy per question type, and forced choice."""
     from .evaluate import evaluate_scienceqa
+    from .tasks import scienceqa as sqa
 
     res = evaluate_scienceqa(model, data, "test", out_dir=out, batch_size=batch_size, blank_images=blank)
     problems = json.loads((data / "problems.json").read_text())
     pids = json.loads((data / "pid_splits.json").read_text())["test"]
-    return {"scores": res["scores"], "per_type": per_type(problems, res["preds"], pids), "unreadable": res["unreadable"]}
+    samples = [sqa.to_sample(pid, p, blank_image=blank) for pid, p in sqa.read_problems(data, "test").items()]
+    forced = forced_choice(model, samples, batch_size)
+    (out / "forced_choice.json").write_text(json.dumps(forced) + "\n")
+    return {"scores": res["scores"], "per_type": per_type(problems, res["preds"], pids), "unreadable": res["unreadable"],
+            "forced_choice_per_type": per_type(problems, forced, pids)}
 
 
 # ---- figures ---------------------------------------------------------------------------------
@@ -262,17 +297,27 @@ def render_report(r: dict[str, Any]) -> str:
         f"test split of {r['data']['test_problems']} problems, scored with the ScienceQA protocol (generate, read the letter "
         "after \"The answer is\"; unreadable = wrong).", "",
         "## Accuracy by question type (test split, %)", "",
-        "| model | " + " | ".join(qtypes) + " | image questions |",
-        "|---|" + "---|" * (len(qtypes) + 1),
+        "| model | " + " | ".join(qtypes) + " | image questions | unreadable |",
+        "|---|" + "---|" * (len(qtypes) + 2),
     ]
     names = {"trained": "ADEM-VL (trained)", "images_blanked": "same, every image blanked (indicator 0)",
              "untrained": "untrained (initial weights)", "options_shuffled": "trained, options shuffled (stretch)"}
     for key in ("trained", "images_blanked", "untrained", "options_shuffled"):
         pt = res[key]["per_type"]
         lines.append(f"| {names[key]} | " + " | ".join(f"{pt.get(q, float('nan')):.1f}" for q in qtypes)
+                     + f" | **{pt['image_questions']:.1f}** | {res[key]['unreadable']} |")
+    lines += ["", "### Forced choice: the option whose letter is most likely after \"The answer is\"", "",
+              "The protocol above counts an answer out of format as wrong; this reads what each model prefers "
+              "among the options whatever its format, so it separates knowing the answer from answering in form.", "",
+              "| model | " + " | ".join(qtypes) + " | image questions |", "|---|" + "---|" * (len(qtypes) + 1)]
+    for key in ("trained", "images_blanked", "untrained", "options_shuffled"):
+        pt = res[key]["forced_choice_per_type"]
+        lines.append(f"| {names[key]} | " + " | ".join(f"{pt.get(q, float('nan')):.1f}" for q in qtypes)
                      + f" | **{pt['image_questions']:.1f}** |")
-    lines += ["", "Text questions take the no-image path (\"Image: N/A\", indicator 0): the fusion adds exactly zero "
-              "there and no trainable weight touches them, so their accuracy is the frozen LLM's own.", "",
+    lines += ["", "Chance: colour 20%, shape 33.3%, count 25%, left/right 50% (image questions 32.1%).", "",
+              "Text questions take the no-image path (\"Image: N/A\", indicator 0): the fusion adds exactly zero "
+              "there and no trainable weight touches them, so their answers are the frozen LLM's own, which "
+              "does not answer in the \"The answer is X.\" form by itself.", "",
               "## ScienceQA table (test split, %)", "",
               "| model | " + " | ".join(SQA_COLUMNS.values()) + " |", "|---|" + "---|" * len(SQA_COLUMNS)]
     for key in ("trained", "images_blanked", "untrained"):

@@ -379,7 +379,7 @@ class Trainer:
         start, t_last, losses = time.time(), time.time(), []
         try:
             while self.step < self.max_steps:
-                lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
+                lr = self.lr * self.scheduler.lr_lambdas[0](self.step)  # this step's base lr (multiplier 1)
                 loss, norm = self.train_step(self.step)
                 self.step += 1
                 now = time.time()

@@ -34,6 +34,9 @@ def test_demo_writes_checkpoint_report_and_figures(tmp_path: Path, capsys) -> No
     for key, folder in (("trained", "trained"), ("images_blanked", "blanked"), ("untrained", "untrained")):
         preds = json.loads((out / "eval" / folder / "preds.json").read_text())
         assert report["results"][key]["per_type"] == per_type(problems, preds, test)
+        forced = json.loads((out / "eval" / folder / "forced_choice.json").read_text())
+        assert sorted(forced) == sorted(test) and all(0 <= forced[p] < len(problems[p]["choices"]) for p in test)
+        assert report["results"][key]["forced_choice_per_type"] == per_type(problems, forced, test)
     assert report["train"]["steps"] == 3 and report["trainable_params"] == AdemVLModel.from_pretrained(out / "checkpoint").num_trainable()
     assert {"setting": "model.scales", "paper": [256, 64], "demo": [16, 4]} in [
         {**c, "paper": list(c["paper"])} if isinstance(c["paper"], tuple) else c for c in report["changes_from_paper_defaults"]]
@@ -43,3 +46,27 @@ def test_demo_writes_checkpoint_report_and_figures(tmp_path: Path, capsys) -> No
     for img in report["drops"]["images"]:
         for counts in img["dropped_per_scale"].values():
             assert sum(counts) == int(0.1 * 20)  # floor(gamma N) of N = 16 + 4 visual tokens
+
+
+def test_forced_choice_reads_the_letter_after_the_answer_prefix() -> None:
+    """A model whose letter logits are known: forced choice must pick the most likely allowed letter."""
+    import torch
+
+    from ademvl.data import Sample
+    from ademvl.demo import forced_choice
+    from tests.conftest import tiny_model
+
+    model = tiny_model()
+    tok = model.tokenizer
+    c_id = tok.encode(" C", add_special_tokens=False)[-1]
+    e_id = tok.encode(" E", add_special_tokens=False)[-1]
+    vocab, d = model.llm.get_output_embeddings().weight.shape
+    model.llm.lm_head = torch.nn.Linear(d, vocab)  # logits = bias: " E" most likely, then " C"
+    with torch.no_grad():
+        model.llm.lm_head.weight.zero_()
+        model.llm.lm_head.bias.zero_()
+        model.llm.lm_head.bias[e_id], model.llm.lm_head.bias[c_id] = 2.0, 1.0
+    samples = [Sample("five", None, [("Pick.", "")], {"choices": list("vwxyz")}),
+               Sample("three", None, [("Pick.", "")], {"choices": list("xyz")}),
+               Sample("two", None, [("Pick.", "")], {"choices": list("xy")})]
+    assert forced_choice(model, samples) == {"five": 4, "three": 2, "two": 0}
