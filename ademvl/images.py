@@ -23,12 +23,16 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
+    except Image.DecompressionBombError as e:  # PIL refuses > 2 x MAX_IMAGE_PIXELS (~179 M pixels)
+        raise ImageError(f"{path}: image too large to decode safely ({e}); downscale it "
+                         "(the model sees 224 px or so anyway)") from e
     except (UnidentifiedImageError, OSError) as e:
         raise ImageError(f"{path}: cannot read this image ({e}); re-encode it as PNG or JPEG") from e
     return to_rgb(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as RGB: alpha on white, 16/32-bit greyscale scaled to 8 bits, the rest converted."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
