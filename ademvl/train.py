@@ -409,6 +409,9 @@ class Trainer:
         if main:
             self.unwrapped().save_pretrained(self.out / "checkpoint")
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        # Every rank tears the process group down together, after rank 0's writes: a rank that
+        # destroyed it while another still held it was once seen to abort at exit (gloo).
+        self.acc.wait_for_everyone()
         self.acc.end_training()
         return summary
 
