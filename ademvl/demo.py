@@ -302,18 +302,17 @@ def render_report(r: dict[str, Any]) -> str:
     ]
     names = {"trained": "ADEM-VL (trained)", "images_blanked": "same, every image blanked (indicator 0)",
              "untrained": "untrained (initial weights)", "options_shuffled": "trained, options shuffled (stretch)"}
-    for key in ("trained", "images_blanked", "untrained", "options_shuffled"):
-        pt = res[key]["per_type"]
-        lines.append(f"| {names[key]} | " + " | ".join(f"{pt.get(q, float('nan')):.1f}" for q in qtypes)
-                     + f" | **{pt['image_questions']:.1f}** | {res[key]['unreadable']} |")
+
+    def row(key: str, field: str) -> str:
+        pt = res[key][field]
+        return f"| {names[key]} | " + " | ".join(f"{pt.get(q, float('nan')):.1f}" for q in qtypes) + f" | **{pt['image_questions']:.1f}** |"
+
+    lines += [row(key, "per_type") + f" {res[key]['unreadable']} |" for key in names]
     lines += ["", "### Forced choice: the option whose letter is most likely after \"The answer is\"", "",
               "The protocol above counts an answer out of format as wrong; this reads what each model prefers "
               "among the options whatever its format, so it separates knowing the answer from answering in form.", "",
               "| model | " + " | ".join(qtypes) + " | image questions |", "|---|" + "---|" * (len(qtypes) + 1)]
-    for key in ("trained", "images_blanked", "untrained", "options_shuffled"):
-        pt = res[key]["forced_choice_per_type"]
-        lines.append(f"| {names[key]} | " + " | ".join(f"{pt.get(q, float('nan')):.1f}" for q in qtypes)
-                     + f" | **{pt['image_questions']:.1f}** |")
+    lines += [row(key, "forced_choice_per_type") for key in names]
     lines += ["", "Chance: colour 20%, shape 33.3%, count 25%, left/right 50% (image questions 32.1%).", "",
               "Text questions take the no-image path (\"Image: N/A\", indicator 0): the fusion adds exactly zero "
               "there and no trainable weight touches them, so their answers are the frozen LLM's own, which "

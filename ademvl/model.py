@@ -274,7 +274,10 @@ class AdemVLModel(nn.Module):
         tmp.mkdir()
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.trainable_state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "ademvl": "1"})
-        self.config.save(tmp)
+        config_path = self.config.save(tmp)
+        # safetensors writes its file owner-only (0600); give it the umask's mode, like the config,
+        # so a checkpoint on a shared disk is readable by whoever can read the run.
+        shutil.copymode(config_path, tmp / WEIGHTS_NAME)
         _fsync_dir(tmp)
         old = directory.with_name(f".{directory.name}.old{os.getpid()}")
         if directory.exists():

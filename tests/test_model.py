@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -195,6 +196,15 @@ def test_save_is_atomic_and_replaces(tmp_path) -> None:
     fresh = tiny_model()
     fresh.load_adapter(ckpt)
     assert all(torch.equal(a, b) for a, b in zip(fresh.trainable_state_dict().values(), model.trainable_state_dict().values()))
+    # both files get the umask's mode (safetensors alone would write the weights owner-only)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in ckpt.iterdir()}
+    assert modes["adapter.safetensors"] == modes["ademvl_config.json"] == 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_random_vision_tower_must_be_rebuilt_identically(tmp_path) -> None:
