@@ -280,7 +280,7 @@ def fusion_bench(batch: int, text_len: int, n_visual: int, d: int, layers: int, 
     fwd_times: dict[str, list[float]] = {p: [] for p in paths}
     bar = tqdm(total=(warmup + repeats) * len(paths), desc="fusion op", unit="run", disable=not progress, leave=False)
     for r, name in _rounds(list(paths), warmup, repeats):
-        t = _timed(lambda: fwd_bwd(paths[name]), device)
+        t = _timed(lambda name=name: fwd_bwd(paths[name]), device)
         with torch.no_grad():
             tf = _timed(paths[name], device)
         if r >= warmup:
@@ -635,7 +635,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     if f is not None:
         lines += [
             "",
-            f"## Fusion op: ours (`fuse`) against the released code's path (`fuse_reference`)",
+            "## Fusion op: ours (`fuse`) against the released code's path (`fuse_reference`)",
             "",
             f"Shapes {f['fusion_shape']}; keys and values shared by all layers; forward + backward to h_n, K, V "
             "and the MLP outputs; medians.",
@@ -789,12 +789,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.flops_only:
         return run_flops_only(args)
-    rows = run_bench(args.out, llm=args.llm, vision=args.vision, batch=args.batch, text_len=args.text_len,
-                     new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, methods=args.methods,
-                     dtype=args.dtype, device=args.device, compile=args.compile,
-                     scales=tuple(args.scales) if args.scales else None, flops_text_len=args.flops_text_len,
-                     lora_rank=args.lora_rank, fusion=args.fusion, fusion_layers=args.fusion_layers, seed=args.seed,
-                     profile=args.profile)
+    run_bench(args.out, llm=args.llm, vision=args.vision, batch=args.batch, text_len=args.text_len,
+              new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, methods=args.methods,
+              dtype=args.dtype, device=args.device, compile=args.compile,
+              scales=tuple(args.scales) if args.scales else None, flops_text_len=args.flops_text_len,
+              lora_rank=args.lora_rank, fusion=args.fusion, fusion_layers=args.fusion_layers, seed=args.seed,
+              profile=args.profile)
     print((Path(args.out) / "bench.md").read_text())
     return 0
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionModel
 
-from ademvl import AdemVLConfig, AdemVLModel, CheckpointMismatch
+from ademvl import AdemVLModel, CheckpointMismatch
 from ademvl.data import IMAGE_TOKEN_ID
 from ademvl.hub import load_vision
 
@@ -43,7 +42,6 @@ def test_visual_keys_and_values_follow_steps_1_to_4() -> None:
 
     full = load_vision("random:tiny-clip")  # same seed: the same tower, all 3 blocks
     img = batch["pixel_values"][batch["image_mask"]]
-    captured = []
     hooks = [blk.mlp.register_forward_hook(lambda m, a, o, ad=ad: o + ad(a[0]))
              for blk, ad in zip(full.encoder.layers, model.vision_adapters)]
     with torch.no_grad():
