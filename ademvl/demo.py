@@ -305,7 +305,8 @@ def render_report(r: dict[str, Any]) -> str:
 
     def row(key: str, field: str) -> str:
         pt = res[key][field]
-        return f"| {names[key]} | " + " | ".join(f"{pt.get(q, float('nan')):.1f}" for q in qtypes) + f" | **{pt['image_questions']:.1f}** |"
+        cells = " | ".join(f"{pt.get(q, float('nan')):.1f}" for q in qtypes)
+        return f"| {names[key]} | {cells} | **{pt['image_questions']:.1f}** |"
 
     lines += [row(key, "per_type") + f" {res[key]['unreadable']} |" for key in names]
     lines += ["", "### Forced choice: the option whose letter is most likely after \"The answer is\"", "",
