@@ -159,29 +159,30 @@ class AdemVLModel(nn.Module):
     _checkpointing = False
 
     # ---- forward ----------------------------------------------------------------------------
-    def encode_images(self, pixel_values: Tensor, image_mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def encode_images(self, pixel_values: Tensor | None, image_mask: Tensor | None,
+                      batch_size: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Steps 1-5: keys (B, N, d), values (B, N, d) and [cls] embeddings (n_img, d).
 
-        Only the samples with an image run through the tower. The image indicator gates the values
-        (tables included), so a sample without an image gets exactly zero from the fusion.
+        Only the samples with an image run through the tower. The image indicator multiplies Xv
+        (step 3), so a sample without an image gets no visual signal; the position tables still
+        act on it (K = E_k, V = E_v), as in the released code, which gives the no-image path
+        ("Image: N/A") trainable weights of its own.
         """
-        b = pixel_values.shape[0]
-        d = self.pos_k.shape[1]
-        dtype = self.pos_k.dtype
-        image_mask = image_mask.to(pixel_values.device).bool()
-        xv = torch.zeros(b, self.config.num_visual_tokens, d, device=pixel_values.device, dtype=dtype)  # (B, N, d)
+        if image_mask is None or pixel_values is None:
+            image_mask = torch.zeros(batch_size if pixel_values is None else pixel_values.shape[0], dtype=torch.bool)
+        device = self.pos_k.device
+        b, d, dtype = image_mask.shape[0], self.pos_k.shape[1], self.pos_k.dtype
+        image_mask = image_mask.to(device).bool()
+        xv = torch.zeros(b, self.config.num_visual_tokens, d, device=device, dtype=dtype)  # (B, N, d)
         cls_emb = None
         if image_mask.any():
-            px = pixel_values[image_mask].to(next(self.vision.parameters()).dtype)
+            px = pixel_values[image_mask.to(pixel_values.device)].to(next(self.vision.parameters()).dtype)
             feats = tower_features(self.vision, px).to(dtype)  # (b, 1 + P, C)
             visual = multiscale(feats[:, 1:], self.config.scales, self.config.pooling)  # (b, N, C)
             xv = xv.index_put((image_mask.nonzero()[:, 0],), (self.proj(visual) * self.config.beta).to(dtype))  # (B, N, d)
             if self.cls_proj is not None:
                 cls_emb = self.cls_proj(feats[:, 0]).to(dtype)  # (b, d)
-        gate = image_mask.to(dtype).view(b, 1, 1)  # image indicator
-        keys = xv + self.pos_k  # (B, N, d)
-        values = (xv + self.pos_v) * gate  # (B, N, d)
-        return keys, values, cls_emb
+        return xv + self.pos_k, xv + self.pos_v, cls_emb  # K, V: (B, N, d) each
 
     def embed(self, input_ids: Tensor, cls_emb: Tensor | None) -> Tensor:
         """Input embeddings with each image sample's placeholder replaced by its [cls] embedding."""
@@ -195,11 +196,11 @@ class AdemVLModel(nn.Module):
         return emb
 
     def prepare(self, input_ids: Tensor, pixel_values: Tensor | None = None, image_mask: Tensor | None = None) -> Tensor:
-        """Set the visual memory for this batch and return the input embeddings."""
-        if pixel_values is None or image_mask is None or not image_mask.any():
-            self.memory.clear()
-            return self.embed(input_ids, None)
-        keys, values, cls_emb = self.encode_images(pixel_values, image_mask)
+        """Set the visual memory for this batch and return the input embeddings.
+
+        Every batch gets a memory, one without any image too: its samples read the tables alone.
+        """
+        keys, values, cls_emb = self.encode_images(pixel_values, image_mask, batch_size=input_ids.shape[0])
         self.memory.set(keys, values)
         return self.embed(input_ids, cls_emb)
 

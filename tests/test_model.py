@@ -11,6 +11,7 @@ from transformers import CLIPVisionModel
 
 from ademvl import AdemVLModel, CheckpointMismatch
 from ademvl.data import IMAGE_TOKEN_ID
+from ademvl.fusion import fuse
 from ademvl.hub import load_vision
 
 from .conftest import perturb, samples, tiny_model
@@ -58,8 +59,8 @@ def test_visual_keys_and_values_follow_steps_1_to_4() -> None:
         torch.testing.assert_close(keys[[0, 2]], xv + model.pos_k)
         torch.testing.assert_close(values[[0, 2]], xv + model.pos_v)
         torch.testing.assert_close(cls_emb, model.cls_proj.fc2(F.silu(model.cls_proj.fc1(tokens[:, 0]))))
-    # the text-only sample (indicator 0) has all-zero values: no visual signal at all
-    assert torch.equal(values[1], torch.zeros_like(values[1]))
+    # the text-only sample (indicator 0) gets no visual signal, only the tables (released code)
+    assert torch.equal(keys[1], model.pos_k) and torch.equal(values[1], model.pos_v)
 
 
 def test_cls_token_sits_after_image_prefix() -> None:
@@ -79,18 +80,38 @@ def test_cls_token_sits_after_image_prefix() -> None:
     torch.testing.assert_close(emb[2, (ids[2] == IMAGE_TOKEN_ID).nonzero().item()], cls_emb[1])
 
 
-def test_sample_without_image_gets_exactly_zero_visual_contribution(llm_name: str) -> None:
+def test_sample_without_image_reads_the_tables_alone(llm_name: str) -> None:
+    """Indicator 0: the fusion runs with K = E_k, V = E_v, whatever the batch's images are."""
     model = tiny_model(llm_name, alpha=1.0)
     perturb(model)
     batch = model.processor(samples())
-    seen = []
-    handle = model.llm.get_decoder().layers[0].mlp.register_forward_hook(lambda m, a, o: seen.append(model.memory(a[0])) if model.memory.keys is not None else None)
+    layers = model.llm.get_decoder().layers
     with torch.no_grad():
         mixed = model(**batch).logits
-        assert seen[0][1].abs().max() == 0 and seen[0][0].abs().max() > 0
-        alone = model.llm(input_ids=batch["input_ids"][1:2], attention_mask=batch["attention_mask"][1:2]).logits
-    handle.remove()
-    torch.testing.assert_close(mixed[1:2], alone, rtol=1e-5, atol=1e-5)
+        other = dict(batch, pixel_values=torch.randn_like(batch["pixel_values"]))
+        torch.testing.assert_close(model(**other).logits[1], mixed[1], rtol=0, atol=0)
+        # the same sample alone, through the base LLM with the tables' fusion added by hand
+        k_act = F.silu(model.pos_k)[None]  # (1, N, d)
+        hooks = [layer.mlp.register_forward_hook(
+            lambda m, a, o: o + fuse(a[0], k_act, model.pos_v[None], 1.0, model.config.drop_ratio, "silu"))
+            for layer in layers]
+        ids, mask = batch["input_ids"][1:2], batch["attention_mask"][1:2]
+        alone = model.llm(input_ids=ids[:, : int(mask.sum())]).logits
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(mixed[1, : alone.shape[1]], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_untrained_model_leaves_text_only_samples_untouched(llm_name: str) -> None:
+    """E_v starts at zero, so before training the no-image path is exactly the base LLM."""
+    model = tiny_model(llm_name, alpha=1.0)
+    text = [s for s in samples() if s.image is None]
+    batch = model.processor(text)
+    with torch.no_grad():
+        ours = model(**batch).logits
+        base = model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(ours, base, rtol=0, atol=0)
+    assert model.memory.keys is None  # cleared after the call
 
 
 def test_alpha_zero_without_cls_equals_base_model(llm_name: str) -> None:
