@@ -88,6 +88,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         check_keys(cls, d, "train setting")
+        if d.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
+            d = {**d, "mixed_precision": "no"}
         cfg = cls(**d)
         if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"train.mixed_precision={cfg.mixed_precision!r}: choose auto, no, bf16 or fp16")

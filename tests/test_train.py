@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from ademvl import AdemVLModel
 from ademvl.cli import main
-from ademvl.train import Trainer, global_batch, list_checkpoints, load_config, lr_lambda, train
+from ademvl.train import TrainConfig, Trainer, global_batch, list_checkpoints, load_config, lr_lambda, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -51,6 +51,10 @@ def test_config_overrides_lr_rule_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lr_multipliers: unknown group.*valid: cls_proj"):
         Trainer(tiny(tmp_path, "--train.lr_multipliers.projector", "2"))
     assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    # YAML reads a bare `no` as false; the setting still means fp32
+    assert TrainConfig.from_dict(load_config(TINY, ["--train.mixed_precision", "no"])["train"]).mixed_precision == "no"
+    with pytest.raises(ValueError, match="choose auto, no, bf16 or fp16"):
+        TrainConfig.from_dict({"mixed_precision": "fp8"})
 
 
 def test_schedule_and_data_order() -> None:
