@@ -50,46 +50,65 @@ def per_type(problems: dict[str, dict[str, Any]], preds: dict[str, int], pids: l
     return acc
 
 
+ANSWER_PREFIX, LETTERS = "The answer is", "ABCDE"
+
+
 @torch.no_grad()
+def letter_logits(model: AdemVLModel, samples: list, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Logits of " A" .. " E" right after "The answer is", for each sample: {id: (5,)}.
+
+    One forward pass with "The answer is A." appended. Left padding puts the answer slot at the
+    same place from the end in every row, so the LM head runs on the last few positions only.
+    """
+    from tqdm import tqdm
+
+    from .data import Sample
+
+    tok = model.tokenizer
+    prefix = len(tok.encode(ANSWER_PREFIX, add_special_tokens=False))
+    target = len(tok.encode(f"{ANSWER_PREFIX} A.", add_special_tokens=False)) + 1  # + EOS
+    letters = [tok.encode(f" {c}", add_special_tokens=False)[-1] for c in LETTERS]
+    was_training = model.training
+    model.eval()
+    out: dict[str, torch.Tensor] = {}
+    for i in tqdm(range(0, len(samples), batch_size), desc="forced choice", unit="batch", mininterval=1.0):
+        chunk = [Sample(s.id, s.image, [(s.turns[-1][0], f"{ANSWER_PREFIX} A.")], s.meta) for s in samples[i : i + batch_size]]
+        batch = {k: v.to(model.pos_k.device) for k, v in model.processor(chunk, train=True, padding_side="left").items()}
+        batch.pop("labels")
+        # the last `target - prefix + 1` positions; the first of them predicts the letter
+        slot = model(**batch, logits_to_keep=target - prefix + 1).logits[:, 0]  # (B, V)
+        out.update({s.id: row[letters].float().cpu() for s, row in zip(chunk, slot)})
+    model.train(was_training)
+    return out
+
+
 def forced_choice(model: AdemVLModel, samples: list, batch_size: int = 16) -> dict[str, int]:
     """The option whose letter is most likely right after "The answer is", for each sample.
 
     The ScienceQA protocol counts an answer that does not follow the format as wrong, so a model
     that never learned the format scores 0 whatever it knows. This reads what the model prefers
-    among the options regardless of format: one forward pass, the letter logits at the answer slot.
+    among the options (samples' meta["choices"]) regardless of format.
     """
-    from tqdm import tqdm
-
-    from .data import IGNORE_INDEX, Sample
-
-    tok = model.tokenizer
-    prefix = len(tok.encode("The answer is", add_special_tokens=False))
-    letters = [tok.encode(f" {c}", add_special_tokens=False)[-1] for c in "ABCDE"]
-    was_training = model.training
-    model.eval()
-    preds: dict[str, int] = {}
-    for i in tqdm(range(0, len(samples), batch_size), desc="forced choice", unit="batch", mininterval=1.0):
-        chunk = [Sample(s.id, s.image, [(s.turns[-1][0], "The answer is A.")], s.meta) for s in samples[i : i + batch_size]]
-        batch = {k: v.to(model.pos_k.device) for k, v in model.processor(chunk, train=True).items()}
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (B, T, V)
-        start = (batch["labels"] != IGNORE_INDEX).int().argmax(1)  # first target token
-        slot = logits[torch.arange(len(chunk)), start + prefix - 1]  # the position that predicts the letter
-        for s, row in zip(chunk, slot):
-            preds[s.id] = int(row[letters[: len(s.meta["choices"])]].argmax())
-    model.train(was_training)
-    return preds
+    logits = letter_logits(model, samples, batch_size)
+    return {s.id: int(logits[s.id][: len(s.meta["choices"])].argmax()) for s in samples}
 
 
 def evaluate(model: AdemVLModel, data: Path, out: Path, blank: bool = False, batch_size: int = 16) -> dict[str, Any]:
-    """The ScienceQA protocol on the test split, accuracy per question type, and forced choice."""
+    """The ScienceQA protocol on the test split, accuracy per question type, and forced choice.
+
+    "forced" keeps the protocol's answer where it could read one and takes the forced choice only
+    where it could not, so a model that answers out of format is still seen at chance (or above),
+    at the cost of one extra pass over its unreadable answers only.
+    """
     from .evaluate import evaluate_scienceqa
     from .tasks import scienceqa as sqa
 
     res = evaluate_scienceqa(model, data, "test", out_dir=out, batch_size=batch_size, blank_images=blank)
     problems = json.loads((data / "problems.json").read_text())
     pids = json.loads((data / "pid_splits.json").read_text())["test"]
-    samples = [sqa.to_sample(pid, p, blank_image=blank) for pid, p in sqa.read_problems(data, "test").items()]
-    forced = forced_choice(model, samples, batch_size)
+    unreadable = [sqa.to_sample(pid, p, blank_image=blank) for pid, p in sqa.read_problems(data, "test").items()
+                  if res["preds"][pid] == -1]
+    forced = {**res["preds"], **forced_choice(model, unreadable, batch_size)}
     (out / "forced_choice.json").write_text(json.dumps(forced) + "\n")
     return {"scores": res["scores"], "per_type": per_type(problems, res["preds"], pids), "unreadable": res["unreadable"],
             "forced_choice_per_type": per_type(problems, forced, pids)}
@@ -273,16 +292,25 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path = REPO_CONFIG, n:
     return report
 
 
+BOOKKEEPING = ("output_dir", "save_every", "keep_last", "log_every", "seed")  # where and how often, not what
+# How the paper states the training settings that TrainConfig leaves unset (None) or derives.
+PAPER_SAYS = {"train.lr": "blr 9e-3 x total batch / 256", "train.max_steps": "20 epochs",
+              "train.warmup_steps": "2 epochs", "train.lr_multipliers": "none",
+              "train.mixed_precision": "mixed (GPU)"}
+
+
 def changes(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every model setting of the demo config that differs from the paper's default."""
-    default = AdemVLConfig()
+    """Every model and training setting of the demo config that differs from the paper's default."""
+    from .train import TrainConfig
+
     rows = []
-    for k, v in cfg["model"].items():
-        if k in ("llm", "vision"):
-            continue
-        d = getattr(default, k)
-        if (list(d) if isinstance(d, tuple) else d) != v:
-            rows.append({"setting": f"model.{k}", "paper": d, "demo": v})
+    for section, default in (("model", AdemVLConfig()), ("train", TrainConfig())):
+        for k, v in cfg[section].items():
+            if k in ("llm", "vision") or k in BOOKKEEPING:
+                continue
+            d = getattr(default, k)
+            if (list(d) if isinstance(d, tuple) else d) != v:
+                rows.append({"setting": f"{section}.{k}", "paper": PAPER_SAYS.get(f"{section}.{k}", d), "demo": v})
     return rows
 
 
@@ -309,15 +337,18 @@ def render_report(r: dict[str, Any]) -> str:
         return f"| {names[key]} | {cells} | **{pt['image_questions']:.1f}** |"
 
     lines += [row(key, "per_type") + f" {res[key]['unreadable']} |" for key in names]
-    lines += ["", "### Forced choice: the option whose letter is most likely after \"The answer is\"", "",
-              "The protocol above counts an answer out of format as wrong; this reads what each model prefers "
-              "among the options whatever its format, so it separates knowing the answer from answering in form.", "",
+    lines += ["", "### Unreadable answers read by forced choice", "",
+              "The protocol above counts an answer out of format as wrong. Here every answer the protocol could not "
+              "read is replaced by the option whose letter the model finds most likely after \"The answer is\", so a "
+              "model that does not answer in form (the untrained one) is seen for what it knows.", "",
               "| model | " + " | ".join(qtypes) + " | image questions |", "|---|" + "---|" * (len(qtypes) + 1)]
     lines += [row(key, "forced_choice_per_type") for key in names]
     lines += ["", "Chance: colour 20%, shape 33.3%, count 25%, left/right 50% (image questions 32.1%).", "",
-              "Text questions take the no-image path (\"Image: N/A\", indicator 0): the fusion adds exactly zero "
-              "there and no trainable weight touches them, so their answers are the frozen LLM's own, which "
-              "does not answer in the \"The answer is X.\" form by itself.", "",
+              "Text questions and blanked images take the no-image path (\"Image: N/A\", indicator 0): no visual "
+              "signal, but the position tables still act (K = E_k, V = E_v, as in the released code), so that path "
+              "learns the answer form and can read the text. The untrained model is the frozen LLM on every "
+              "question (E_v and the projectors' outputs start at zero), which does not answer in the "
+              "\"The answer is X.\" form by itself.", "",
               "## ScienceQA table (test split, %)", "",
               "| model | " + " | ".join(SQA_COLUMNS.values()) + " |", "|---|" + "---|" * len(SQA_COLUMNS)]
     for key in ("trained", "images_blanked", "untrained"):
@@ -341,9 +372,7 @@ def render_report(r: dict[str, Any]) -> str:
               f"(the measurements behind each are in {CHANGES_DOC}):", "",
               "| setting | paper | demo |", "|---|---|---|"]
     lines += [f"| {c['setting']} | {c['paper']} | {c['demo']} |" for c in r["changes_from_paper_defaults"]]
-    t = r["config"]["train"]
-    lines += [f"| train.lr_multipliers | none | {t.get('lr_multipliers', {})} |" if t.get("lr_multipliers") else "",
-              "", "## Adaptive fusion: drop decisions (Fig. 3)", "",
+    lines += ["", "## Adaptive fusion: drop decisions (Fig. 3)", "",
               f"Visual tokens dropped (red) for the last prompt token at layers {r['drops']['layers']}, both scales:", "",
               "![drops](drops.png)", ""]
     return "\n".join(lines) + "\n"

@@ -70,3 +70,50 @@ def test_forced_choice_reads_the_letter_after_the_answer_prefix() -> None:
                Sample("three", None, [("Pick.", "")], {"choices": list("xyz")}),
                Sample("two", None, [("Pick.", "")], {"choices": list("xy")})]
     assert forced_choice(model, samples) == {"five": 4, "three": 2, "two": 0}
+
+
+def test_letter_logits_are_the_logits_at_the_answer_slot() -> None:
+    """Left-padded batch, LM head on the last positions only == each sample alone, full logits."""
+    import torch
+
+    from ademvl.demo import letter_logits
+    from tests.conftest import perturb, samples, tiny_model
+
+    model = tiny_model(alpha=1.0, beta=1.0)
+    perturb(model)
+    items = [type(s)(s.id, s.image, s.turns, {"choices": list("xyz")}) for s in samples()]  # mixed lengths
+    got = letter_logits(model, items, batch_size=3)
+    tok = model.tokenizer
+    letters = [tok.encode(f" {c}", add_special_tokens=False)[-1] for c in "ABCDE"]
+    for s in items:
+        one = type(s)(s.id, s.image, [(s.turns[-1][0], "The answer is A.")], s.meta)
+        batch = model.processor([one], train=True)
+        labels = batch.pop("labels")[0]
+        start = int((labels != -100).nonzero()[0])  # first target token: "The"
+        prefix = len(tok.encode("The answer is", add_special_tokens=False))
+        with torch.no_grad():
+            full = model(**batch).logits[0]  # (T, V)
+        assert int(batch["input_ids"][0, start + prefix]) == letters[0]  # the slot predicts " A"
+        torch.testing.assert_close(got[s.id], full[start + prefix - 1, letters], rtol=1e-4, atol=1e-4)
+
+
+def test_evaluate_keeps_readable_answers_and_forces_only_the_rest(tmp_path: Path, monkeypatch) -> None:
+    import ademvl.evaluate
+    from ademvl import demo
+    from ademvl.tasks import shapes
+
+    data = shapes.write_dataset(tmp_path / "data", 20, seed=0)
+    test = json.loads((data / "pid_splits.json").read_text())["test"]
+    assert len(test) == 2
+    readable, unreadable = test
+    monkeypatch.setattr(ademvl.evaluate, "evaluate_scienceqa", lambda *a, **k: {
+        "scores": {}, "preds": {readable: 1, unreadable: -1}, "unreadable": 1})
+    asked = []
+    monkeypatch.setattr(demo, "forced_choice", lambda model, samples, bs: asked.extend(s.id for s in samples) or {unreadable: 0})
+    out = tmp_path / "eval"
+    out.mkdir()
+    res = demo.evaluate(None, data, out)
+    assert asked == [unreadable]
+    assert json.loads((out / "forced_choice.json").read_text()) == {readable: 1, unreadable: 0}
+    problems = json.loads((data / "problems.json").read_text())
+    assert res["forced_choice_per_type"] == demo.per_type(problems, {readable: 1, unreadable: 0}, test)
