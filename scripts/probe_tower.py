@@ -11,14 +11,16 @@ LayerNorm), with the demo's training images, and scores them on its val + test i
   layer can compute (a weighted sum over the visual tokens, no interaction between them);
 - bag MLP, pixels: the same on the raw 14x14 patches instead of the tower's tokens.
 
-    python scripts/probe_tower.py [--data runs/demo/data]   # generates the data if missing
+    python scripts/probe_tower.py [--data runs/demo/data] [--n 4000]   # generates the data if missing
 
-Prints a markdown table (accuracy, %). docs/demo.md quotes it.
+Prints how uniform the tower's attention is, then a markdown table (accuracy, %). docs/demo.md
+quotes both, for the demo's data and for five times as much (--data runs/probe-20k --n 20000).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -65,19 +67,43 @@ def bag_probe(tokens: torch.Tensor, y: torch.Tensor, train: torch.Tensor, steps:
         return logits(tokens).argmax(1)
 
 
+def attention_uniformity(tower: torch.nn.Module, data: Path, problems: dict, cfg: AdemVLConfig, n: int = 32) -> None:
+    """Entropy of every block's attention rows on n images, against a uniform row's log(L).
+
+    A random tower's queries and keys are small random projections, so each block's attention is
+    close to a plain average over all tokens: a token then holds its own patch plus the image's
+    mean, and nothing about its neighbours.
+    """
+    items = [(pid, p) for pid, p in problems.items() if p.get("image")][:n]
+    px = torch.stack([image_to_tensor(Image.open(data / "images" / p["split"] / pid / p["image"]),
+                                      tower.config.image_size, cfg.image_mean, cfg.image_std) for pid, p in items])
+    tower.set_attn_implementation("eager")  # the attention weights are returned by the eager path only
+    with torch.no_grad():
+        attentions = tower(pixel_values=px, output_attentions=True).attentions  # (B, heads, L, L) per block
+    tower.set_attn_implementation("sdpa")
+    length = attentions[0].shape[-1]
+    for i, a in enumerate(attentions):
+        entropy = float(-(a * a.clamp_min(1e-12).log()).sum(-1).mean())
+        print(f"block {i}: attention entropy {entropy:.4f} (uniform: {math.log(length):.4f}), "
+              f"largest weight {float(a.max(-1).values.mean()):.4f} on average (uniform: {1 / length:.4f})")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=Path("runs/demo/data"))
     ap.add_argument("--vision", default=hub.EMBEDDED_VISION)
     ap.add_argument("--vision-layer", type=int, default=-2)
+    ap.add_argument("--n", type=int, default=4000, help="problems to generate when --data has none (4000: the demo's)")
     args = ap.parse_args()
     if not (args.data / "problems.json").exists():
-        shapes.write_dataset(args.data, 4000, seed=0)  # the demo's data
+        shapes.write_dataset(args.data, args.n, seed=0)
     problems = json.loads((args.data / "problems.json").read_text())
     cfg = AdemVLConfig()
     tower = hub.load_vision(args.vision)
     truncate_tower(tower, args.vision_layer)
     tower.eval()
+    attention_uniformity(tower, args.data, problems, cfg)
 
     print("| question (train / scored) | linear [cls] | linear mean | bag MLP | bag MLP, pixels | chance |")
     print("|---|---:|---:|---:|---:|---:|")
