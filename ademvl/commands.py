@@ -65,9 +65,9 @@ def run_generate(args: argparse.Namespace) -> int:
     from .images import load_image
     from .model import AdemVLModel
 
+    image = load_image(args.image, missing_hint="check the --image path") if args.image else None  # before the slow part
     torch.manual_seed(args.seed)
     model = AdemVLModel.from_pretrained(args.checkpoint, llm=args.llm, vision=args.vision)
-    image = load_image(args.image) if args.image else None
     kwargs = dict(num_beams=args.num_beams)
     if args.temperature > 0:
         kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)

@@ -11,15 +11,19 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the file and the fix."""
 
 
-def load_image(path: str | Path) -> Image.Image:
+DATASET_HINT = "check the dataset's image root (--data-root / --image-root)"
+
+
+def load_image(path: str | Path, missing_hint: str = DATASET_HINT) -> Image.Image:
     """Open an image file as RGB.
 
     Fallbacks (documented): palette/greyscale/CMYK are converted; an alpha channel is composited
-    on white; 16-bit images are scaled to 8 bits. A missing or unreadable file raises ImageError.
+    on white; 16-bit images are scaled to 8 bits. A missing or unreadable file raises ImageError;
+    `missing_hint` says where the path came from, so the message names the right fix.
     """
     path = Path(path)
     if not path.exists():
-        raise ImageError(f"{path}: image file not found; check the dataset's image root (--data-root / --image-root)")
+        raise ImageError(f"{path}: image file not found; {missing_hint}")
     try:
         img = Image.open(path)
         img.load()

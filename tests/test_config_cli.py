@@ -93,4 +93,4 @@ def test_generate_command_answers_about_an_image_file(tmp_path, capsys) -> None:
     assert capsys.readouterr().out.strip() == expected
     assert main(args + ["--image", str(tmp_path / "missing.png")]) == 2
     err = capsys.readouterr().err
-    assert "missing.png: image file not found" in err and "Traceback" not in err
+    assert "missing.png: image file not found; check the --image path" in err and "Traceback" not in err
