@@ -159,8 +159,7 @@ class AdemVLModel(nn.Module):
     _checkpointing = False
 
     # ---- forward ----------------------------------------------------------------------------
-    def encode_images(self, pixel_values: Tensor | None, image_mask: Tensor | None,
-                      batch_size: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def encode_images(self, pixel_values: Tensor | None, image_mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Steps 1-5: keys (B, N, d), values (B, N, d) and [cls] embeddings (n_img, d).
 
         Only the samples with an image run through the tower. The image indicator multiplies Xv
@@ -168,8 +167,6 @@ class AdemVLModel(nn.Module):
         act on it (K = E_k, V = E_v), as in the released code, which gives the no-image path
         ("Image: N/A") trainable weights of its own.
         """
-        if image_mask is None or pixel_values is None:
-            image_mask = torch.zeros(batch_size if pixel_values is None else pixel_values.shape[0], dtype=torch.bool)
         device = self.pos_k.device
         b, d, dtype = image_mask.shape[0], self.pos_k.shape[1], self.pos_k.dtype
         image_mask = image_mask.to(device).bool()
@@ -200,7 +197,9 @@ class AdemVLModel(nn.Module):
 
         Every batch gets a memory, one without any image too: its samples read the tables alone.
         """
-        keys, values, cls_emb = self.encode_images(pixel_values, image_mask, batch_size=input_ids.shape[0])
+        if pixel_values is None or image_mask is None:
+            image_mask = torch.zeros(input_ids.shape[0], dtype=torch.bool)  # a batch without images
+        keys, values, cls_emb = self.encode_images(pixel_values, image_mask)
         self.memory.set(keys, values)
         return self.embed(input_ids, cls_emb)
 
