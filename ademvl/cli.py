@@ -1,38 +1,257 @@
-"""`ademvl <command>`: every command lives in its own module, which adds its parser here.
+"""`ademvl <command>`: every command of the project, each a thin layer over a recipe or component.
 
-Each module listed in COMMANDS has `add_parser(subparsers)` that registers one sub-command and
-sets `func` (called with the parsed args, returns an exit code).
+    demo       recipes/demo.py        the embedded end-to-end demo
+    train      recipes/train.py       a run config (ademvl/configs/*.yaml) on Accelerate
+    eval       recipes/evaluate.py    a task's protocol (options: the task's EvalOptions fields)
+    score      recipes/evaluate.py    a task's scorer on predictions made elsewhere (ScoreOptions)
+    generate   model.answer           one answer about one image
+    params     model.build_meta       trainable parameters at any shape, no weights
+    data       tasks/shapes.py        the demo's synthetic ScienceQA
+    bench      bench/                 efficiency against the peers (Table V)
+
+Bad input (a ValueError or FileNotFoundError raised with the file and the fix) is printed in one
+line without a traceback; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
+import json
 import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
 
-COMMANDS = [
-    "ademvl.commands",  # params, generate
-    "ademvl.train",  # train
-    "ademvl.evaluate",  # eval scienceqa|coco|mme
-    "ademvl.score",  # score scienceqa|coco|mme
-    "ademvl.tasks.shapes",  # data synth-shapes
-    "ademvl.bench",  # bench
-    "ademvl.demo",  # demo
-]
+from . import tasks
+
+RELEASED_EXTRA = "the released code also builds an adapter on the last vision block, which never runs"
 
 
+# ---- task options from their dataclasses ------------------------------------------------------
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per field of an options dataclass; the field's metadata['help'] is its help."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag, typ, helptext = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata.get("help", "")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        args = typing.get_args(typ)
+        if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:  # X | None
+            typ = next(a for a in args if a is not type(None))
+            args = typing.get_args(typ)
+        if typ is bool:
+            parser.add_argument(flag, dest=f.name, action="store_true", help=helptext)
+        elif typing.get_origin(typ) is list:
+            parser.add_argument(flag, dest=f.name, nargs="+", type=args[0], default=f.default, help=helptext)
+        else:
+            parser.add_argument(flag, dest=f.name, type=typ, required=required,
+                                default=None if required else f.default, help=helptext)
+
+
+def options_of(cls: type, args: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="directory written by save_pretrained / ademvl train")
+    p.add_argument("--llm", default=None, help="override the base LLM recorded in the checkpoint")
+    p.add_argument("--vision", default=None, help="override the vision tower recorded in the checkpoint")
+
+
+def _load_model(args: argparse.Namespace, device: str = "cpu") -> Any:
+    import torch
+
+    from .model import AdemVLModel
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return AdemVLModel.from_pretrained(args.checkpoint, llm=args.llm, vision=args.vision).to(device)
+
+
+# ---- the commands ---------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .recipes.demo import run_demo
+
+    report = run_demo(args.out, args.config, args.n, args.seed, args.overrides, args.batch_size)
+    res = report["results"]
+    print(f"image questions: {res['trained']['per_type']['image_questions']:.1f}% "
+          f"(blanked {res['images_blanked']['per_type']['image_questions']:.1f}%, "
+          f"untrained {res['untrained']['per_type']['image_questions']:.1f}%); "
+          f"total {report['times']['total_s'] / 60:.1f} min; report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_run_config
+    from .recipes.train import train_and_report
+
+    named = [f"train.{k}={v}" for k, v in (("output_dir", args.output_dir), ("max_steps", args.max_steps),
+                                           ("seed", args.seed)) if v is not None]
+    return train_and_report(load_run_config(args.config, [*args.overrides, *named]), args.resume)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .recipes.evaluate import evaluate
+
+    task = tasks.get(args.task, evaluable=True)
+    opts = options_of(task.EvalOptions, args)
+    r = evaluate(_load_model(args, args.device), args.task, opts, args.out, args.batch_size)
+    if r.scores is not None:
+        title = getattr(opts, "split", "") + (" blank" if getattr(opts, "blank_images", False) else "")
+        print(task.format_scores(r.scores, title))
+    print(r.summary + (f"; wrote {args.out}/" if args.out else ""))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .files import write_json
+    from .recipes.evaluate import score
+
+    task = tasks.get(args.task, evaluable=True)
+    scores = score(args.task, options_of(task.ScoreOptions, args))
+    print(task.format_scores(scores, getattr(args, "split", None) or ""))
+    if args.out:
+        write_json(args.out, scores, indent=2)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .images import load_image
+
+    image = load_image(args.image, missing_hint="check the --image path") if args.image else None  # before the slow part
+    torch.manual_seed(args.seed)
+    model = _load_model(args)
+    kwargs: dict[str, Any] = dict(num_beams=args.num_beams, do_sample=args.temperature > 0)
+    if args.temperature > 0:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    print(model.answer([image], [args.prompt], max_new_tokens=args.max_new_tokens, **kwargs)[0])
+    return 0
+
+
+def param_report(llm: str, vision: str, scales: list[int] | None = None) -> list[str]:
+    """Lines of `ademvl params`: groups, the released code's count, and `trainable: N` last."""
+    from .config import AdemVLConfig
+    from .model import build_meta
+
+    model = build_meta(llm, vision, AdemVLConfig() if scales is None else AdemVLConfig(scales=tuple(scales)))
+    base, groups = model.config.base, model.parameter_groups()
+    total = sum(groups.values())
+    lines = [f"LLM {llm}: d={base['hidden_size']}, {base['num_layers']} layers (frozen); "
+             f"vision {vision}: width {base['vision_width']}, "
+             f"{len(model.vision.encoder.layers)} of {base['vision_blocks']} blocks run (frozen)",
+             f"visual tokens N = {' + '.join(map(str, model.config.scales))} = {model.config.num_visual_tokens}"]
+    lines += [f"  {name:<16} {n:>12,}" for name, n in groups.items()]
+    if len(model.vision_adapters) and model.config.vision_layer == -2:
+        per_block = sum(p.numel() for p in model.vision_adapters[0].parameters())
+        lines.append(f"released code: {total + per_block} ({RELEASED_EXTRA}: +{per_block}; we build no dead parameters)")
+    lines.append(f"trainable: {total}")
+    return lines
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    print("\n".join(param_report(args.llm_config, args.vision_config, args.scales)))
+    return 0
+
+
+def cmd_synth_shapes(args: argparse.Namespace) -> int:
+    from .tasks.shapes import write_dataset
+
+    out = write_dataset(args.out, args.n, args.seed, args.shuffle_choices)
+    splits = json.loads((out / "pid_splits.json").read_text())
+    print(f"wrote {sum(map(len, splits.values()))} problems to {out} "
+          f"(train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])})")
+    return 0
+
+
+# ---- the parser -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from .config import config_path
+
     parser = argparse.ArgumentParser(prog="ademvl", description="ADEM-VL: teach a frozen LLM to see, cheaply.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(name).add_parser(sub)
+
+    p = sub.add_parser("demo", help="synthetic ScienceQA -> train -> evaluate -> runs/demo/report.md (CPU, ~15 min)",
+                       description="Config keys can be overridden as in `ademvl train`: --train.max_steps 50 ...")
+    p.add_argument("--out", default="runs/demo", help="output directory (checkpoint/, report.md, report.json, figures)")
+    p.add_argument("--config", default=str(config_path("demo")), help="training config (default: the shipped demo.yaml)")
+    p.add_argument("--n", type=int, default=4000, help="problems to generate (10%% are the test split)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    p.set_defaults(func=cmd_demo, accepts_overrides=True)
+
+    p = sub.add_parser("train", help="train ADEM-VL from a YAML config (Accelerate; torchrun/accelerate launch for many GPUs)",
+                       description="Any config key can be overridden: --train.batch_size 4 --model.beta 0.1 data.root=DIR")
+    p.add_argument("--config", required=True, help="YAML file with model:, data:, train: sections, or a shipped "
+                                                   "config's name (demo, tiny, scienceqa_llama7b, ...)")
+    p.add_argument("--output-dir", help="where checkpoints and logs go (train.output_dir)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
+    p.add_argument("--resume", help="a checkpoint directory, or 'auto' for the newest in the output directory")
+    p.add_argument("--seed", type=int, help="train.seed")
+    p.set_defaults(func=cmd_train, accepts_overrides=True)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint with a task's protocol (ScienceQA, COCO captions, MME)")
+    esub = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    for name in tasks.EVAL_TASKS:
+        cls = tasks.get(name, evaluable=True).EvalOptions
+        q = esub.add_parser(name, help=cls.__doc__.split("\n")[0])
+        _model_args(q)
+        add_options(q, cls)
+        q.add_argument("--out", default=None, help="output directory")
+        q.add_argument("--batch-size", type=int, default=16)
+        q.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+        q.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("score", help="score predictions made elsewhere (ScienceQA, COCO captions, MME)")
+    ssub = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    for name in tasks.EVAL_TASKS:
+        cls = tasks.get(name, evaluable=True).ScoreOptions
+        q = ssub.add_parser(name, help=cls.__doc__.split("\n")[0])
+        add_options(q, cls)
+        q.add_argument("--out", default=None, help="write the scores as JSON")
+        q.set_defaults(func=cmd_score)
+
+    g = sub.add_parser("generate", help="answer a prompt about an image with a trained checkpoint")
+    _model_args(g)
+    g.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("params", help="count trainable parameters (built on the meta device: 7B/13B cost nothing)")
+    p.add_argument("--llm-config", default="smollm2-135m-instruct",
+                   help="config.json path or preset (llama-7b, llama-13b, llama2-7b, smollm2-135m-instruct, tiny-llama, ...)")
+    p.add_argument("--vision-config", default="demo-clip",
+                   help="config.json path or preset (clip-vit-large-patch14, demo-clip, tiny-clip, ...)")
+    p.add_argument("--scales", type=int, nargs="+", default=None, help="visual token scales (default 256 64)")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("data", help="make datasets")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    s = dsub.add_parser("synth-shapes", help="synthetic ScienceQA of coloured shapes, in the released layout")
+    s.add_argument("--out", required=True, help="output directory (problems.json, pid_splits.json, images/)")
+    s.add_argument("--n", type=int, default=4000, help="number of problems (80/10/10 train/val/test)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shuffle-choices", action="store_true",
+                   help="shuffle each problem's option list (harder: the small LLM must read the options)")
+    s.set_defaults(func=cmd_synth_shapes)
+
+    from .bench import add_parser as add_bench
+
+    add_bench(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "accepts_overrides", False):  # only `train` takes --section.key overrides
+    if extra and not getattr(args, "accepts_overrides", False):  # train and demo take section.key overrides
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     try:

@@ -1,7 +1,14 @@
-"""Every setting of ADEM-VL in one dataclass, with the paper's defaults (ADEM-VL.md).
+"""Every setting in typed dataclasses: the method (AdemVLConfig, the paper's defaults), how to
+train (TrainConfig), and a run (RunConfig = model + data + train sections of a YAML file).
 
-Saved as `ademvl_config.json` next to the trainable weights, so a checkpoint says exactly which
-method variant and which base models it belongs to.
+AdemVLConfig is saved as `ademvl_config.json` next to the trainable weights, so a checkpoint says
+exactly which method variant and which base models it belongs to.
+
+Loading goes through OmegaConf structured configs: the dataclasses are the schema, so a YAML file,
+a checkpoint's JSON and `section.key=value` overrides are all checked the same way (unknown keys
+and wrong types are errors that name the key), with no hand-written parser. OmegaConf (the engine
+under Hydra) was chosen over jsonargparse and tyro because it merges files and dotlist overrides
+onto plain dataclasses without owning the CLI, and reads 9e-3 as a float (PyYAML does not).
 """
 
 from __future__ import annotations
@@ -9,21 +16,55 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 CONFIG_NAME = "ademvl_config.json"
 QK_ACTIVATIONS = ("silu", "none", "relu", "elu", "softmax", "silu_positive")
 POOLINGS = ("avg", "max")
+CONFIGS_DIR = Path(__file__).parent / "configs"  # shipped in the package: found by a non-editable install too
+T = TypeVar("T")
 
 
-def check_keys(cls: type, d: dict[str, Any], what: str) -> None:
-    """Unknown keys are an error that lists the valid ones (a typo must not pass silently)."""
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(d) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown {what}(s) {unknown}; valid keys: {', '.join(valid)}")
+def _dotted(e: OmegaConfBaseException) -> str:
+    return getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+
+
+def structured(cls: type[T], *sources: Any, what: str | None = None, where: str = "") -> T:
+    """`cls` built from mappings / DictConfigs merged in order onto its defaults, type-checked.
+
+    Unknown keys and values of the wrong type are a ValueError naming the key and listing the
+    valid ones (a typo must not pass silently).
+    """
+    what = what or cls.__name__
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), *sources))
+    except ConfigKeyError as e:
+        key = _dotted(e)
+        section, _, _ = key.rpartition(".")
+        schema = _schema_at(cls, section)
+        valid = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
+        unknown = sorted({key.rpartition(".")[2]})
+        raise ValueError(f"{where}unknown {what} key(s) {unknown}{f' in {section}' if section else ''}; "
+                         f"valid keys: {', '.join(valid)}") from None
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        raise ValueError(f"{where}{what} {_dotted(e)}: {msg}") from None
+
+
+def _schema_at(cls: type, dotted: str) -> type:
+    for part in filter(None, dotted.split(".")):
+        hints = {f.name: f for f in dataclasses.fields(cls)}
+        f = hints.get(part)
+        if f is None or not (dataclasses.is_dataclass(f.default_factory) if f.default_factory is not dataclasses.MISSING else False):
+            return type(None)
+        cls = f.default_factory
+    return cls
 
 
 @dataclass
@@ -105,8 +146,7 @@ class AdemVLConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AdemVLConfig":
-        check_keys(cls, d, "AdemVLConfig key")
-        return cls(**d)
+        return structured(cls, d)
 
     def replace(self, **changes: Any) -> "AdemVLConfig":
         return self.from_dict({**self.to_dict(), **changes})
@@ -124,5 +164,107 @@ class AdemVLConfig:
             raise FileNotFoundError(f"{path}: no ADEM-VL config here; a checkpoint directory holds {CONFIG_NAME} and adapter.safetensors")
         try:
             return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError, ValueError) as e:
+        except (json.JSONDecodeError, ValueError) as e:
             raise ValueError(f"{path}: bad ADEM-VL config: {e}") from e
+
+
+@dataclass
+class TrainConfig:
+    """How to train. lr = blr x total batch / 256 (the released code's rule) unless `lr` is set."""
+
+    output_dir: str = "runs/train"
+    batch_size: int = 8  # per process, per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    epochs: float = 20
+    max_steps: int | None = None  # overrides epochs
+    blr: float = 9e-3
+    lr: float | None = None
+    # Multiply the lr of a parameter group (vision_adapters, proj, cls_proj, pos_k, pos_v).
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.02  # on matrices; biases and other 1-d parameters get none
+    warmup_epochs: float = 2
+    warmup_steps: int | None = None  # overrides warmup_epochs
+    min_lr: float = 0.0
+    clip_grad: float | None = 1.0
+    mixed_precision: str = "auto"  # auto (bf16 on GPU when supported, fp32 on CPU) | no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    num_workers: int = 2  # DataLoader processes that decode images and collate, beside the training loop
+    seed: int = 0
+    save_every: int = 500  # steps; the final checkpoint is always written
+    keep_last: int = 3
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision in ("False", "false"):  # YAML 1.1 reads a bare `no` as false
+            self.mixed_precision = "no"
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"train.mixed_precision={self.mixed_precision!r}: choose auto, no, bf16 or fp16")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("train.batch_size and train.grad_accum must be >= 1")
+        if self.num_workers < 0:
+            raise ValueError(f"train.num_workers={self.num_workers}: must be >= 0 (0 = decode in the training loop)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return structured(cls, d, what="train setting")
+
+
+@dataclass
+class RunConfig:
+    """A run: `model:` (AdemVLConfig), `data:` (task: NAME + that task's load_samples options), `train:`."""
+
+    model: AdemVLConfig = field(default_factory=AdemVLConfig)
+    data: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "data": dict(self.data), "train": dataclasses.asdict(self.train)}
+
+
+def config_path(name: str | Path) -> Path:
+    """A config file: a path, or the name of one shipped in the package (demo, tiny, scienceqa_llama7b, ...)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    shipped = CONFIGS_DIR / f"{path.stem}.yaml"
+    if path.suffix in ("", ".yaml") and len(path.parts) == 1 and shipped.exists():
+        return shipped
+    names = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"{path}: config file not found (a path, or a shipped config: {', '.join(names)})")
+
+
+def overrides_to_dotlist(overrides: Iterable[str]) -> list[str]:
+    """`--section.key value`, `--section.key=value` and `section.key=value` as OmegaConf dotlist items."""
+    items, rest = [], list(overrides)
+    while rest:
+        arg = rest.pop(0)
+        key = arg[2:] if arg.startswith("--") else arg
+        if "=" not in key:
+            if not arg.startswith("--") or not rest:
+                raise ValueError(f"override {arg!r}: write --section.key value or section.key=value, "
+                                 "e.g. --train.batch_size 4")
+            key = f"{key}={rest.pop(0)}"
+        name = key.split("=", 1)[0]
+        if name.split(".")[0] not in ("model", "data", "train") or "." not in name:
+            raise ValueError(f"override {arg!r}: the key must be model.X, data.X or train.X")
+        items.append(key)
+    return items
+
+
+def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a YAML run config (path or shipped name) and apply overrides; everything type-checked."""
+    path = config_path(path)
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # the YAML parser's own errors: name the file, not a traceback
+        raise ValueError(f"{path}: not a valid YAML run config ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, DictConfig):
+        raise ValueError(f"{path}: expected sections model:, data:, train: (a mapping), got a list")
+    unknown = sorted(set(raw) - {"model", "data", "train"})
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {', '.join(unknown)}; valid: model, data, train")
+    try:
+        cli = OmegaConf.from_dotlist(overrides_to_dotlist(overrides))
+    except OmegaConfBaseException as e:
+        raise ValueError(f"overrides: {str(e).splitlines()[0]}") from None
+    return structured(RunConfig, raw, cli, what="run config", where=f"{path}: ")

@@ -12,7 +12,7 @@ embeddings (one [cls] token). Everything trainable lives in this module:
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import hub
 from .config import AdemVLConfig
 from .data import IMAGE_TOKEN_ID, AdemProcessor
+from .files import atomic_directory
 from .fusion import VisualMemory
 from .vision import make_adapters, multiscale, tower_features, truncate_tower
 
@@ -63,7 +64,8 @@ class AdemVLModel(nn.Module):
 
     def __init__(self, llm: nn.Module, vision: nn.Module, config: AdemVLConfig, tokenizer: Any = None) -> None:
         super().__init__()
-        self.config = config
+        # Our own copy: the base description filled in below belongs to this model, not the caller.
+        self.config = config = dataclasses.replace(config)
         self.llm, self.vision, self.tokenizer = llm, vision, tokenizer
         llm.requires_grad_(False)
         vision.requires_grad_(False)
@@ -266,26 +268,18 @@ class AdemVLModel(nn.Module):
         Files go to a temporary sibling directory first, which then replaces `directory` by
         rename: a crash mid-write never leaves a half-written checkpoint under the final name.
         """
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        with atomic_directory(directory) as tmp:
+            self.write_checkpoint(tmp)
+        return Path(directory)
+
+    def write_checkpoint(self, directory: Path) -> None:
+        """The two checkpoint files into an existing directory (save_pretrained makes this atomic)."""
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.trainable_state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "ademvl": "1"})
-        config_path = self.config.save(tmp)
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "ademvl": "1"})
+        config_path = self.config.save(directory)
         # safetensors writes its file owner-only (0600); give it the umask's mode, like the config,
         # so a checkpoint on a shared disk is readable by whoever can read the run.
-        shutil.copymode(config_path, tmp / WEIGHTS_NAME)
-        _fsync_dir(tmp)
-        old = directory.with_name(f".{directory.name}.old{os.getpid()}")
-        if directory.exists():
-            directory.rename(old)
-        tmp.rename(directory)
-        if old.exists():
-            shutil.rmtree(old)
-        return directory
+        shutil.copymode(config_path, directory / WEIGHTS_NAME)
 
     def load_adapter(self, checkpoint: str | Path, expected_base: dict[str, Any] | None = None) -> None:
         """Load trainable weights; names, shapes and base model must match, else a clear error."""
@@ -322,12 +316,6 @@ def _describe(base: dict[str, Any]) -> str:
         return "(unknown)"
     return (f"LLM {base.get('llm')} ({base.get('llm_type')}, d={base.get('hidden_size')}, {base.get('num_layers')} layers) + "
             f"vision {base.get('vision')} (width {base.get('vision_width')}, {base.get('vision_blocks')} blocks)")
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
 
 
 def build_meta(llm: str, vision: str, config: AdemVLConfig | None = None) -> AdemVLModel:

@@ -3,14 +3,15 @@ Java check, `ademvl score coco` and `ademvl eval coco`."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
 import pytest
 from PIL import Image
 
-from ademvl import evaluate, score
+from ademvl.cli import main
+from ademvl.metrics import captions
+from ademvl.recipes.evaluate import evaluate
 from ademvl.tasks import coco
 
 from .test_evaluate import script
@@ -55,8 +56,8 @@ def test_load_karpathy(karpathy):
 
 def test_score_coco_by_hand(karpathy):
     preds = [{"image_id": 42, "caption": "A man riding a dog."}, {"image_id": 7, "caption": "two cats sleep on the sofa"}]
-    s = score.score_coco(karpathy / "coco_karpathy_val_gt.json", preds)
-    assert list(s) == list(score.COCO_KEYS)
+    s = coco.score_coco(karpathy / "coco_karpathy_val_gt.json", preds)
+    assert list(s) == list(coco.KEYS)
     # After PTB tokenisation (lower case, "." dropped): hyp 1 "a man riding a dog" vs "a man riding a horse",
     # hyp 2 equal to its reference. Corpus BLEU, n-grams matched / in hypotheses: 1-grams 10/11,
     # 2-grams 8/9, 3-grams 6/7, 4-grams 4/5; lengths equal, so no brevity penalty.
@@ -74,27 +75,25 @@ def test_score_coco_by_hand(karpathy):
 def test_score_coco_rules(karpathy, monkeypatch):
     gt = karpathy / "coco_karpathy_val_gt.json"
     with pytest.raises(ValueError, match="image_id 99 is not in"):
-        score.score_coco(gt, [{"image_id": 99, "caption": "x"}])
+        coco.score_coco(gt, [{"image_id": 99, "caption": "x"}])
     with pytest.raises(ValueError, match="a second caption for image_id 42"):
-        score.score_coco(gt, [{"image_id": 42, "caption": "x"}, {"image_id": 42, "caption": "y"}])
-    monkeypatch.setattr(score.shutil, "which", lambda name: None)
+        coco.score_coco(gt, [{"image_id": 42, "caption": "x"}, {"image_id": 42, "caption": "y"}])
+    monkeypatch.setattr(captions.shutil, "which", lambda name: None)
     with pytest.raises(FileNotFoundError, match="needs Java.*no `java` is on PATH"):
-        score.score_coco(gt, [{"image_id": 42, "caption": "x"}, {"image_id": 7, "caption": "y"}])
+        coco.score_coco(gt, [{"image_id": 42, "caption": "x"}, {"image_id": 7, "caption": "y"}])
 
 
 def test_score_cli_and_eval(karpathy, monkeypatch, tmp_path, capsys):
     model = tiny_model()
     script(model, monkeypatch, lambda i: ["a man riding a horse", "two cats sleep on the sofa"][i])
-    r = evaluate.evaluate_coco(model, karpathy, "val", out_dir=tmp_path / "out", batch_size=2,
-                               metrics=("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"))
-    assert r["preds"] == [{"image_id": 42, "caption": "a man riding a horse"},
+    opts = coco.EvalOptions(data_root=str(karpathy), split="val",
+                            metrics=["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"])
+    r = evaluate(model, "coco", opts, out_dir=tmp_path / "out", batch_size=2)
+    assert r.outputs["preds.json"] == [{"image_id": 42, "caption": "a man riding a horse"},
                           {"image_id": 7, "caption": "two cats sleep on the sofa"}]
-    assert r["scores"]["Bleu_4"] == pytest.approx(1.0, abs=1e-6) and r["scores"]["CIDEr"] == pytest.approx(10.0)
-    parser = argparse.ArgumentParser()
-    score.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["score", "coco", "--gt", str(karpathy / "coco_karpathy_val_gt.json"),
-                              "--preds", str(tmp_path / "out" / "preds.json"), "--out", str(tmp_path / "s.json")])
-    assert args.func(args) == 0
+    assert r.scores["Bleu_4"] == pytest.approx(1.0, abs=1e-6) and r.scores["CIDEr"] == pytest.approx(10.0)
+    assert main(["score", "coco", "--gt", str(karpathy / "coco_karpathy_val_gt.json"),
+                 "--preds", str(tmp_path / "out" / "preds.json"), "--out", str(tmp_path / "s.json")]) == 0
     head, row = capsys.readouterr().out.strip().splitlines()[-2:]
-    assert head.split() == list(score.COCO_KEYS) and row.split()[3] == "100.00"
+    assert head.split() == list(coco.KEYS) and row.split()[3] == "100.00"
     assert json.loads((tmp_path / "s.json").read_text())["CIDEr"] == pytest.approx(10.0)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ademvl import AdemVLModel
 from ademvl.cli import main
-from ademvl.demo import per_type
+from ademvl.tasks import shapes
+from ademvl.tasks.shapes import per_type
 
 TINY = ["--model.llm", "random:tiny-llama", "--model.vision", "random:tiny-clip", "--model.scales", "[16, 4]",
         "--train.max_steps", "3", "--train.batch_size", "4", "--train.save_every", "2"]
@@ -31,12 +32,19 @@ def test_demo_writes_checkpoint_report_and_figures(tmp_path: Path, capsys) -> No
     problems = json.loads((out / "data" / "problems.json").read_text())
     test = json.loads((out / "data" / "pid_splits.json").read_text())["test"]
     assert report["data"]["test_problems"] == len(test) == 5
+    image_pids = [p for p in test if problems[p]["qtype"] in shapes.IMAGE_QTYPES]
+
+    def image_accuracy(preds: dict) -> float:  # by hand: the report's number must be the files' number
+        return round(100 * sum(preds[p] == problems[p]["answer"] for p in image_pids) / len(image_pids), 2)
+
     for key, folder in (("trained", "trained"), ("images_blanked", "blanked"), ("untrained", "untrained")):
         preds = json.loads((out / "eval" / folder / "preds.json").read_text())
-        assert report["results"][key]["per_type"] == per_type(problems, preds, test)
+        assert report["results"][key]["per_type"]["image_questions"] == image_accuracy(preds)
+        assert report["results"][key]["unreadable"] == sum(preds[p] == -1 for p in test)
         forced = json.loads((out / "eval" / folder / "forced_choice.json").read_text())
         assert sorted(forced) == sorted(test) and all(0 <= forced[p] < len(problems[p]["choices"]) for p in test)
-        assert report["results"][key]["forced_choice_per_type"] == per_type(problems, forced, test)
+        assert all(forced[p] == preds[p] for p in test if preds[p] != -1)  # forced only where unreadable
+        assert report["results"][key]["forced_choice_per_type"]["image_questions"] == image_accuracy(forced)
     assert report["train"]["steps"] == 3 and report["trainable_params"] == AdemVLModel.from_pretrained(out / "checkpoint").num_trainable()
     assert {"setting": "model.scales", "paper": [256, 64], "demo": [16, 4]} in [
         {**c, "paper": list(c["paper"])} if isinstance(c["paper"], tuple) else c for c in report["changes_from_paper_defaults"]]
@@ -53,7 +61,7 @@ def test_forced_choice_reads_the_letter_after_the_answer_prefix() -> None:
     import torch
 
     from ademvl.data import Sample
-    from ademvl.demo import forced_choice
+    from ademvl.tasks.scienceqa import forced_choice
     from tests.conftest import tiny_model
 
     model = tiny_model()
@@ -76,7 +84,7 @@ def test_letter_logits_are_the_logits_at_the_answer_slot() -> None:
     """Left-padded batch, LM head on the last positions only == each sample alone, full logits."""
     import torch
 
-    from ademvl.demo import letter_logits
+    from ademvl.tasks.scienceqa import letter_logits
     from tests.conftest import perturb, samples, tiny_model
 
     model = tiny_model(alpha=1.0, beta=1.0)
@@ -98,22 +106,25 @@ def test_letter_logits_are_the_logits_at_the_answer_slot() -> None:
 
 
 def test_evaluate_keeps_readable_answers_and_forces_only_the_rest(tmp_path: Path, monkeypatch) -> None:
-    import ademvl.evaluate
-    from ademvl import demo
-    from ademvl.tasks import shapes
+    import ademvl.recipes.evaluate
+    from ademvl.data import Sample
+    from ademvl.recipes import demo
+    from ademvl.recipes.evaluate import Evaluation
+    from ademvl.tasks import scienceqa
 
     data = shapes.write_dataset(tmp_path / "data", 20, seed=0)
     test = json.loads((data / "pid_splits.json").read_text())["test"]
     assert len(test) == 2
     readable, unreadable = test
-    monkeypatch.setattr(ademvl.evaluate, "evaluate_scienceqa", lambda *a, **k: {
-        "scores": {}, "preds": {readable: 1, unreadable: -1}, "unreadable": 1})
+    items = [Sample(p, None, [("q", "")], {"choices": ["a", "b"]}) for p in test]
+    monkeypatch.setattr(ademvl.recipes.evaluate, "evaluate", lambda *a, **k: Evaluation(
+        "scienceqa", {"preds.json": {readable: 1, unreadable: -1}}, {}, "", items))
     asked = []
-    monkeypatch.setattr(demo, "forced_choice", lambda model, samples, bs: asked.extend(s.id for s in samples) or {unreadable: 0})
+    monkeypatch.setattr(scienceqa, "forced_choice", lambda model, samples, bs: asked.extend(s.id for s in samples) or {unreadable: 0})
     out = tmp_path / "eval"
     out.mkdir()
     res = demo.evaluate(None, data, out)
     assert asked == [unreadable]
     assert json.loads((out / "forced_choice.json").read_text()) == {readable: 1, unreadable: 0}
     problems = json.loads((data / "problems.json").read_text())
-    assert res["forced_choice_per_type"] == demo.per_type(problems, {readable: 1, unreadable: 0}, test)
+    assert res["forced_choice_per_type"] == shapes.per_type(problems, {readable: 1, unreadable: 0}, test)

@@ -5,14 +5,13 @@ answers (the model's generate() replaced by one that returns chosen texts, in ba
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
-from ademvl import evaluate
-from ademvl.score import SCIENCEQA_KEYS
+from ademvl.cli import main
+from ademvl.recipes.evaluate import evaluate
 from ademvl.tasks import scienceqa as sqa
 from ademvl.tasks.shapes import write_dataset
 
@@ -48,14 +47,21 @@ def script(model, monkeypatch, answer_for):
     return seen
 
 
+def run_sqa(model, root, out_dir=None, batch_size: int = 16, **opts) -> dict:
+    """The ScienceQA protocol through the generic loop: preds, scores, unreadable count."""
+    r = evaluate(model, "scienceqa", sqa.EvalOptions(data_root=str(root), split="test", **opts), out_dir, batch_size)
+    preds = r.outputs["preds.json"]
+    return {"preds": preds, "scores": r.scores, "unreadable": sum(preds[s.id] == -1 for s in r.samples)}
+
+
 def test_real_generation_writes_every_problem(shapes, model, tmp_path):
-    r = evaluate.evaluate_scienceqa(model, shapes, "test", out_dir=tmp_path, batch_size=2)
+    r = run_sqa(model, shapes, out_dir=tmp_path, batch_size=2)
     test_pids = json.loads((shapes / "pid_splits.json").read_text())["test"]
     preds = json.loads((tmp_path / "preds.json").read_text())
     assert list(preds) == test_pids == list(r["preds"])
     problems = json.loads((shapes / "problems.json").read_text())
     assert all(-1 <= preds[p] < len(problems[p]["choices"]) for p in test_pids)
-    assert list(json.loads((tmp_path / "scores.json").read_text())) == list(SCIENCEQA_KEYS)
+    assert list(json.loads((tmp_path / "scores.json").read_text())) == list(sqa.KEYS)
     assert set(json.loads((tmp_path / "generations.json").read_text())) == set(test_pids)
 
 
@@ -71,7 +77,7 @@ def test_scores_from_scripted_answers(shapes, model, monkeypatch, tmp_path):
             return "The answer is E."
         return f"The answer is {'ABCDE'[p['answer']]}."
     seen = script(model, monkeypatch, answer)
-    r = evaluate.evaluate_scienceqa(model, shapes, "test", out_dir=tmp_path, batch_size=2)
+    r = run_sqa(model, shapes, out_dir=tmp_path, batch_size=2)
     assert r["preds"][pids[1]] == -1 and r["preds"][pids[2]] == -1 and r["unreadable"] == 2
     assert r["preds"][pids[0]] == problems[pids[0]]["answer"]
     assert r["scores"]["acc_average"] == round(100 * 3 / 5, 2)  # 3 of 5 right
@@ -79,7 +85,7 @@ def test_scores_from_scripted_answers(shapes, model, monkeypatch, tmp_path):
     assert seen["kwargs"]["max_new_tokens"] == 8 and seen["kwargs"]["do_sample"] is False
 
     seen = script(model, monkeypatch, answer)
-    evaluate.evaluate_scienceqa(model, shapes, "test", batch_size=5, blank_images=True)
+    run_sqa(model, shapes, batch_size=5, blank_images=True)
     assert seen["masks"] == [[False] * 5]  # every problem takes the "Image: N/A" path
 
 
@@ -94,21 +100,21 @@ def test_invalid_problem_counts_wrong(shapes, model, monkeypatch, tmp_path):
     (root / "pid_splits.json").write_text(json.dumps(splits))
     (root / "images").symlink_to(shapes / "images")
     with pytest.raises(ValueError, match=f"problem {first}: 6 choices"):
-        evaluate.evaluate_scienceqa(model, root, "test")
+        run_sqa(model, root)
     script(model, monkeypatch, lambda i: "The answer is A.")
     with pytest.warns(UserWarning, match="skipping 1 problems"):
-        r = evaluate.evaluate_scienceqa(model, root, "test", skip_invalid=True)
+        r = run_sqa(model, root, skip_invalid=True)
     assert r["preds"][first] == -1 and len(r["preds"]) == 5  # kept in the denominator, as wrong
 
 
 def test_eval_cli(shapes, model, tmp_path, capsys):
     ckpt = model.save_pretrained(tmp_path / "ckpt")
-    parser = argparse.ArgumentParser()
-    evaluate.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "scienceqa", "--checkpoint", str(ckpt), "--data-root", str(shapes),
-                              "--split", "test", "--out", str(tmp_path / "out"), "--batch-size", "4",
-                              "--limit", "3", "--device", "cpu"])
-    assert args.func(args) == 0
-    out = capsys.readouterr().out
-    assert "NAT" in out and "3 problems" in out
-    assert len(json.loads((tmp_path / "out" / "preds.json").read_text())) == 3
+    assert main(["eval", "scienceqa", "--checkpoint", str(ckpt), "--data-root", str(shapes), "--split", "test",
+                 "--out", str(tmp_path / "out"), "--batch-size", "4", "--limit", "3", "--device", "cpu"]) == 0
+    head, row, last = capsys.readouterr().out.strip().splitlines()
+    scores = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert head.split() == list(sqa.TITLES)
+    assert row.split() == ["test"] + ["-" if scores[k] is None else f"{scores[k]:.2f}" for k in sqa.KEYS]
+    preds = json.loads((tmp_path / "out" / "preds.json").read_text())
+    assert len(preds) == 3
+    assert last == f"3 problems, {sum(v == -1 for v in preds.values())} answers unreadable (counted wrong); wrote {tmp_path / 'out'}/"

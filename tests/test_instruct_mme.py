@@ -3,13 +3,13 @@ eval_tool's layout, and its acc / acc+ / totals checked against hand counts."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 from PIL import Image
 
-from ademvl import evaluate, score
+from ademvl.cli import main
+from ademvl.recipes.evaluate import evaluate
 from ademvl.data import IGNORE_INDEX
 from ademvl.tasks import instruct, mme
 
@@ -98,7 +98,7 @@ def test_mme_loader(mme_root):
 
 
 def test_mme_label():
-    assert [score.mme_label(a) for a in ["Yes", "no", "Yes, it is.", "No.", "Not sure", "maybe", "I think yes"]] == \
+    assert [mme.mme_label(a) for a in ["Yes", "no", "Yes, it is.", "No.", "Not sure", "maybe", "I think yes"]] == \
         ["yes", "no", "yes", "no", "no", "other", "other"]  # the eval_tool reads only the first 4 characters
 
 
@@ -111,13 +111,13 @@ def test_score_mme_by_hand(tmp_path):
     # code_reasoning: one image, one right -> acc 50, acc+ 0, score 50
     (res / "code_reasoning.txt").write_text("c.png\tQ1\tYes\tno\nc.png\tQ2\tNo\tNo\n")
     with pytest.warns(UserWarning, match="no results for count"):
-        s = score.score_mme(res)
+        s = mme.score_mme(res)
     assert s["subtasks"] == {"existence": {"acc": 75.0, "acc_plus": 50.0, "score": 125.0},
                              "code_reasoning": {"acc": 50.0, "acc_plus": 0.0, "score": 50.0}}
     assert s["perception"] == 125.0 and s["cognition"] == 50.0 and "count" in s["missing"]
     (res / "count.txt").write_text("a.jpg\tQ1\tYes\tYes\nb.jpg\tQ2\tNo\tNo\n")
     with pytest.raises(ValueError, match=r"count.txt:1-2: consecutive lines name different images"):
-        score.score_mme(res)
+        mme.score_mme(res)
 
 
 def test_eval_and_score_mme(mme_root, tmp_path, monkeypatch, capsys):
@@ -125,17 +125,16 @@ def test_eval_and_score_mme(mme_root, tmp_path, monkeypatch, capsys):
     # existence: 000 both right; 001 first wrong. artwork: first right, second answered "maybe"
     answers = ["Yes", "No", "No", "No", "No", "maybe\tso"]
     script(model, monkeypatch, lambda i: answers[i])
-    r = evaluate.evaluate_mme(model, mme_root, tmp_path / "out", batch_size=4)
+    r = evaluate(model, "mme", mme.EvalOptions(data_root=str(mme_root)), tmp_path / "out", batch_size=4)
     lines = (tmp_path / "out" / "artwork.txt").read_text().splitlines()
     assert lines == ["10.jpg\tIs this by Monet? Please answer yes or no.\tNo\tNo",
                      "10.jpg\tIs this by Manet? Please answer yes or no.\tYes\tmaybe so"]
-    assert r["scores"]["subtasks"]["existence"] == {"acc": 75.0, "acc_plus": 50.0, "score": 125.0}
-    assert r["scores"]["subtasks"]["artwork"] == {"acc": 50.0, "acc_plus": 0.0, "score": 50.0}
-    assert r["scores"]["perception"] == 175.0 and r["scores"]["cognition"] == 0
-    parser = argparse.ArgumentParser()
-    score.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["score", "mme", "--results", str(tmp_path / "out"), "--out", str(tmp_path / "s.json")])
+    assert r.scores["subtasks"]["existence"] == {"acc": 75.0, "acc_plus": 50.0, "score": 125.0}
+    assert r.scores["subtasks"]["artwork"] == {"acc": 50.0, "acc_plus": 0.0, "score": 50.0}
+    assert r.scores["perception"] == 175.0 and r.scores["cognition"] == 0
     with pytest.warns(UserWarning):
-        assert args.func(args) == 0
-    assert "Perception" in capsys.readouterr().out
+        assert main(["score", "mme", "--results", str(tmp_path / "out"), "--out", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3:] == [f"{'Perception':<24}{'':>16}{175.0:>9.2f}", f"{'Cognition':<24}{'':>16}{0.0:>9.2f}",
+                        "(no results for: " + ", ".join(n for n in mme.SUBTASKS if n not in ("existence", "artwork")) + ")"]
     assert json.loads((tmp_path / "s.json").read_text())["perception"] == 175.0

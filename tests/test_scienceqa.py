@@ -3,7 +3,6 @@ every problem must pass, and the official scores (checked against counts made by
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ademvl import score
+from ademvl.cli import main
 from ademvl.tasks import scienceqa as sqa
 
 
@@ -153,7 +152,7 @@ def scored_problems() -> dict:
 def test_score_scienceqa_by_hand():
     # right (answer 1): 1, 2, 3, 5, 7; wrong: 4 (0), 6 (-1, unreadable), 8 (0)
     preds = {"1": 1, "2": 1, "3": 1, "4": 0, "5": 1, "6": -1, "7": 1, "8": 0}
-    s = score.score_scienceqa(scored_problems(), preds)
+    s = sqa.score_scienceqa(scored_problems(), preds)
     assert s == {"acc_natural": 75.0,       # 3 of 4
                  "acc_social": 50.0,        # 1 of 2
                  "acc_language": 50.0,      # 1 of 2
@@ -163,13 +162,13 @@ def test_score_scienceqa_by_hand():
                  "acc_grade_1_6": 100.0,    # 1, 2, 5, 7
                  "acc_grade_7_12": 25.0,    # 3 of 3, 4, 6, 8
                  "acc_average": 62.5}       # 5 of 8
-    assert list(s) == list(score.SCIENCEQA_KEYS)
-    only = score.score_scienceqa(scored_problems(), {"1": 1, "3": 0, "4": 1})  # 2 of 3; no social/language
+    assert list(s) == list(sqa.KEYS)
+    only = sqa.score_scienceqa(scored_problems(), {"1": 1, "3": 0, "4": 1})  # 2 of 3; no social/language
     assert only["acc_average"] == 66.67 and only["acc_social"] is None and only["acc_natural"] == 66.67
     with pytest.raises(ValueError, match="2 of the 3 problems of the split have no prediction"):
-        score.score_scienceqa(scored_problems(), {"1": 1}, ["1", "2", "3"])
+        sqa.score_scienceqa(scored_problems(), {"1": 1}, ["1", "2", "3"])
     with pytest.raises(ValueError, match="not in the problems"):
-        score.score_scienceqa(scored_problems(), {"99": 1})
+        sqa.score_scienceqa(scored_problems(), {"99": 1})
 
 
 def test_score_cli(tmp_path, capsys):
@@ -179,11 +178,8 @@ def test_score_cli(tmp_path, capsys):
     (tmp_path / "problems.json").write_text(json.dumps(probs))
     (tmp_path / "pid_splits.json").write_text(json.dumps({"test": ["1", "2", "3", "4"], "train": ["5", "6", "7", "8"]}))
     (tmp_path / "preds.json").write_text(json.dumps({"1": 1, "2": 0, "3": 1, "4": 1}))
-    parser = argparse.ArgumentParser()
-    score.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["score", "scienceqa", "--problems", str(tmp_path / "problems.json"),
-                              "--preds", str(tmp_path / "preds.json"), "--split", "test", "--out", str(tmp_path / "s.json")])
-    assert args.func(args) == 0
+    assert main(["score", "scienceqa", "--problems", str(tmp_path / "problems.json"),
+                 "--preds", str(tmp_path / "preds.json"), "--split", "test", "--out", str(tmp_path / "s.json")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg"]
     assert out[1].split() == ["test", "75.00", "-", "-", "0.00", "50.00", "100.00", "50.00", "100.00", "75.00"]

@@ -1,4 +1,4 @@
-"""The training recipe (ademvl/train.py): data parallel, exact resume, crash-safe checkpoints, NaN stop."""
+"""The training recipe (ademvl/recipes/train.py): data parallel, exact resume, crash-safe checkpoints, NaN stop."""
 
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ from safetensors.torch import load_file
 
 from ademvl import AdemVLModel
 from ademvl.cli import main
-from ademvl.train import TrainConfig, Trainer, global_batch, list_checkpoints, load_config, lr_lambda, train
+from ademvl.config import RunConfig, TrainConfig, load_run_config
+from ademvl.recipes.train import StepBatches, Trainer, global_batch, list_checkpoints, train
+
+from .conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+TINY = ROOT / "ademvl" / "configs" / "tiny.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -32,33 +35,38 @@ def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def tiny(out: Path, *overrides: str) -> dict:
-    return load_config(TINY, ["--train.output_dir", str(out), *overrides])
+def tiny(out: Path, *overrides: str) -> RunConfig:
+    return load_run_config(TINY, ["--train.output_dir", str(out), *overrides])
 
 
 def test_config_overrides_lr_rule_and_errors(tmp_path: Path) -> None:
-    cfg = load_config(TINY, ["--train.batch_size", "2", "--model.beta=0.5", "--train.lr_multipliers.proj", "3"])
-    assert cfg["train"]["batch_size"] == 2 and cfg["model"]["beta"] == 0.5 and cfg["train"]["lr_multipliers"] == {"proj": 3}
-    assert load_config(TINY, ["--train.blr", "9e-3"])["train"]["blr"] == 0.009  # not the string PyYAML makes
+    cfg = load_run_config(TINY, ["--train.batch_size", "2", "--model.beta=0.5", "--train.lr_multipliers.proj", "3"])
+    assert cfg.train.batch_size == 2 and cfg.model.beta == 0.5 and cfg.train.lr_multipliers == {"proj": 3}
+    assert load_run_config(TINY, ["--train.blr", "9e-3"]).train.blr == 0.009  # not the string PyYAML makes
+    assert load_run_config("tiny", ["train.seed=3"]).train.seed == 3  # a shipped config by name, a key=value override
     t = Trainer(tiny(tmp_path, "--train.grad_accum", "3", "--train.lr_multipliers.proj", "3"))
     assert t.total_batch == 12 and t.lr == pytest.approx(0.5 * 12 / 256)
     lrs = {g["name"]: g["initial_lr"] for g in t.optimizer.param_groups}
     assert lrs["proj"] == pytest.approx(3 * t.lr) and lrs["pos_k"] == pytest.approx(t.lr)
     no_decay = {p for g in t.optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert all(p.ndim == 1 for p in no_decay) and len(no_decay) > 0
-    with pytest.raises(ValueError, match="unknown train setting.*valid keys: output_dir"):
-        Trainer(tiny(tmp_path, "--train.batchsize", "2"))
+    with pytest.raises(ValueError, match=r"unknown run config key\(s\) \['batchsize'\] in train; valid keys: output_dir"):
+        tiny(tmp_path, "--train.batchsize", "2")
+    with pytest.raises(ValueError, match=r"run config train.batch_size: Value 'two'"):
+        tiny(tmp_path, "--train.batch_size", "two")
     with pytest.raises(ValueError, match="lr_multipliers: unknown group.*valid: cls_proj"):
         Trainer(tiny(tmp_path, "--train.lr_multipliers.projector", "2"))
     assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     # YAML reads a bare `no` as false; the setting still means fp32
-    assert TrainConfig.from_dict(load_config(TINY, ["--train.mixed_precision", "no"])["train"]).mixed_precision == "no"
+    assert load_run_config(TINY, ["--train.mixed_precision", "no"]).train.mixed_precision == "no"
     with pytest.raises(ValueError, match="choose auto, no, bf16 or fp16"):
         TrainConfig.from_dict({"mixed_precision": "fp8"})
 
 
-def test_schedule_and_data_order() -> None:
-    assert [round(lr_lambda(s, 2, 10, 0.0), 4) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+def test_schedule_and_data_order(tmp_path: Path) -> None:
+    t = Trainer(tiny(tmp_path, "--train.warmup_steps", "2", "--train.max_steps", "10"))
+    # transformers' cosine schedule with warm-up: linear from 0 over 2 steps, then half a cosine to 0
+    assert [round(t.scheduler.lr_lambdas[0](s), 4) for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
     epoch0 = [i for s in range(4) for i in global_batch(s, 17, 4, seed=0)]
     assert sorted(epoch0) == sorted(set(epoch0)) and len(epoch0) == 16  # each sample at most once, drop-last
     assert global_batch(4, 17, 4, 0) != global_batch(0, 17, 4, 0)  # a new permutation per epoch
@@ -119,14 +127,14 @@ def test_data_parallel_two_processes_match_one_process_with_accumulation(tmp_pat
 def test_sigkill_during_checkpoint_write_leaves_a_loadable_newest_checkpoint(tmp_path: Path) -> None:
     out, marker = tmp_path / "run", tmp_path / "writing"
     script = textwrap.dedent(f"""
-        import time, ademvl.train as t
-        real = t._fsync_dir
+        import time, ademvl.files as f
+        real = f.fsync_tree
         def slow(path):
             real(path)
-            if path.name == ".step-4.tmp":  # everything written, not yet renamed into place
+            if path.name.startswith(".step-4.tmp"):  # everything written, not yet renamed into place
                 open({str(marker)!r}, "w").close()
                 time.sleep(120)
-        t._fsync_dir = slow
+        f.fsync_tree = slow
         from ademvl.cli import main
         main(["train", "--config", {str(TINY)!r}, "--output-dir", {str(out)!r}, "--max-steps", "6"])
     """)
@@ -141,7 +149,7 @@ def test_sigkill_during_checkpoint_write_leaves_a_loadable_newest_checkpoint(tmp
     newest = list_checkpoints(out)[-1]
     assert newest.name == "step-2"  # the half-committed step-4 is not taken for a checkpoint
     AdemVLModel.from_pretrained(newest)  # loads
-    t = Trainer(load_config(TINY, ["--train.output_dir", str(out), "--train.max_steps", "6"]), resume="auto")
+    t = Trainer(tiny(out, "--train.max_steps", "6"), resume="auto")
     assert t.step == 2
     t.fit()
     assert [p.name for p in list_checkpoints(out)] == ["step-4", "step-6"]
@@ -161,6 +169,30 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 
 
 def test_batches_without_images_train(tmp_path: Path) -> None:
-    """Only text: the vision side gets zero gradient (DDP needs one for every parameter), no crash."""
+    """Only text: the run trains (DDP needs a gradient for every parameter: the recipe adds a zero term)."""
     summary = train(tiny(tmp_path, "--data.text_only_fraction", "1.0", "--train.max_steps", "2"))
     assert summary["steps"] == 2 and summary["final_loss"] > 0
+
+
+def test_text_only_batch_gives_the_vision_side_exactly_zero_gradient() -> None:
+    """No image: nothing reaches the adapters or projectors; the position tables still learn (K = E_k, V = E_v)."""
+    from ademvl import Sample
+
+    model = tiny_model()
+    model.train()
+    batch = model.processor([Sample("t", None, [("What colour is the sky?", "blue")])])
+    model(**batch).loss.backward()
+    grads = {k: p.grad for k, p in model.trainable_state_dict().items()}
+    vision = [k for k in grads if k.split(".")[0] in ("vision_adapters", "proj", "cls_proj")]
+    assert vision and all(grads[k] is None or not grads[k].any() for k in vision)
+    assert grads["pos_v"].abs().sum() > 0  # V = E_v: the no-image path has weights of its own
+
+
+def test_step_batches_are_the_global_batch_slices_of_each_rank() -> None:
+    """2 ranks x 2 micro-steps of batch 3: rank r's micro-step m is slice m * world + r of the step's batch."""
+    seen = {r: list(StepBatches(50, 3, 2, world=2, rank=r, seed=1, start=1, stop=3)) for r in (0, 1)}
+    for step in (1, 2):
+        idx = global_batch(step, 50, 12, seed=1)
+        i = 2 * (step - 1)
+        assert seen[0][i] == idx[0:3] and seen[1][i] == idx[3:6] and seen[0][i + 1] == idx[6:9] and seen[1][i + 1] == idx[9:12]
+    assert len(StepBatches(50, 3, 2, 2, 0, 1, start=5, stop=8)) == 6  # resuming at step 5: the rest only

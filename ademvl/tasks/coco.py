@@ -23,12 +23,16 @@ Validation/test samples carry all reference captions in meta["captions"] and the
 
 from __future__ import annotations
 
-import json
 import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..data import Sample
+from . import option
+from ..files import read_json
+from ..metrics.captions import KEYS, caption_scores
 
 PROMPT = "a picture of"
 SPLITS = ("train", "val", "test")
@@ -76,7 +80,7 @@ def load_samples(root: str, split: str = "train", ann_file: str | None = None, a
     """Training: one sample per (image, caption). Val/test: one sample per image, the first caption
     as target and all of them in meta["captions"]."""
     path = annotation_file(root, split, ann_file, ann_root)
-    entries = json.loads(path.read_text())
+    entries = read_json(path, "a Karpathy split file [{image, caption}, ...]")
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a list of {{image, caption}} entries (Karpathy split file)")
     if limit is not None:
@@ -99,3 +103,102 @@ def load_samples(root: str, split: str = "train", ann_file: str | None = None, a
                               image=str(image), turns=[(PROMPT, target)],
                               meta={"image_id": image_id, "captions": captions}))
     return samples
+
+
+# ---- evaluation (the task interface: ademvl/tasks/__init__.py) --------------------------------
+@dataclass
+class EvalOptions:
+    """`ademvl eval coco`: caption every image of the split; score when the ground truth is there."""
+
+    data_root: str = option(help="COCO images root (the Karpathy files' image paths are relative to it)")
+    split: str = option("test", "val | test")
+    ann_root: str | None = option(None, "directory of coco_karpathy_*.json (default: data_root)")
+    ann_file: str | None = option(None, "an annotation file to read instead")
+    gt: str | None = option(None, "ground truth (default: ANN_ROOT/coco_karpathy_{split}_gt.json)")
+    num_beams: int = option(1, "1 = greedy")
+    max_new_tokens: int = option(20, "caption length limit (the released eval: 20)")
+    limit: int | None = option(None, "only the first N images (quick checks; not comparable)")
+    metrics: list[str] | None = option(None, "only these metrics (default: BLEU-1..4, METEOR, ROUGE-L, CIDEr)")
+
+
+def eval_samples(o: EvalOptions) -> list[Sample]:
+    return load_samples(o.data_root, o.split, ann_file=o.ann_file, ann_root=o.ann_root, limit=o.limit)
+
+
+def generation(o: EvalOptions) -> dict[str, Any]:
+    return {"num_beams": o.num_beams, "max_new_tokens": o.max_new_tokens}
+
+
+def clean_caption(text: str) -> str:
+    """The caption after the prompt (the released eval keeps what follows "picture of")."""
+    text = text.strip()
+    head = "picture of"
+    return text.split(head, 1)[1].strip() if head in text else text
+
+
+def predict(samples: list[Sample], texts: list[str], o: EvalOptions) -> dict[str, Any]:
+    """preds.json in the COCO results format [{image_id, caption}]."""
+    return {"preds.json": [{"image_id": s.meta["image_id"], "caption": clean_caption(t)} for s, t in zip(samples, texts)]}
+
+
+def score_outputs(outputs: dict[str, Any], o: EvalOptions) -> dict[str, float] | None:
+    gt = Path(o.gt) if o.gt else gt_file(o.data_root, o.split, o.ann_root)
+    if not gt.exists():
+        warnings.warn(f"{gt}: no ground truth, captions written but not scored (pass --gt)", stacklevel=2)
+        return None
+    return score_coco(gt, outputs["preds.json"], tuple(o.metrics or KEYS))
+
+
+def summary(outputs: dict[str, Any], samples: list[Sample]) -> str:
+    return f"{len(outputs['preds.json'])} captions"
+
+
+@dataclass
+class ScoreOptions:
+    """`ademvl score coco`: caption metrics of predictions made elsewhere (pycocoevalcap; needs Java)."""
+
+    gt: str = option(help="COCO-format ground truth, e.g. coco_karpathy_test_gt.json")
+    preds: str = option(help="predictions in the COCO results format [{image_id, caption}]")
+
+
+def score_files(o: ScoreOptions) -> dict[str, float]:
+    return score_coco(o.gt, o.preds)
+
+
+def score_coco(gt_file: str | Path, preds: str | Path | list[dict[str, Any]], metrics: tuple[str, ...] = KEYS) -> dict[str, float]:
+    """pycocoevalcap's scores of predictions in the COCO results format ([{image_id, caption}]).
+
+    Scores the predicted images (as COCOEvalCap does with params['image_id'] set to the result's
+    images), each against all its ground-truth captions; warns when they are fewer than the
+    ground truth's images.
+    """
+    gt = read_json(gt_file, "COCO-format ground truth ({images, annotations: [{image_id, caption}]})")
+    if not isinstance(gt, dict) or "annotations" not in gt:
+        raise ValueError(f"{gt_file}: expected COCO-format ground truth with an 'annotations' list "
+                         f"(e.g. coco_karpathy_test_gt.json)")
+    results = preds if isinstance(preds, list) else read_json(preds, "predictions ([{image_id, caption}])")
+    refs: dict[Any, list[str]] = {}
+    for a in gt["annotations"]:
+        refs.setdefault(a["image_id"], []).append(a["caption"])
+    hyps: dict[Any, str] = {}
+    for i, r in enumerate(results):
+        if not isinstance(r, dict) or "image_id" not in r or "caption" not in r:
+            raise ValueError(f"prediction {i}: {r!r} is not {{image_id, caption}} (the COCO results format)")
+        if r["image_id"] not in refs:
+            raise ValueError(f"prediction {i}: image_id {r['image_id']!r} is not in {gt_file}")
+        if r["image_id"] in hyps:
+            raise ValueError(f"prediction {i}: a second caption for image_id {r['image_id']!r}; give one per image")
+        hyps[r["image_id"]] = str(r["caption"])
+    if not hyps:
+        raise ValueError("nothing to score: no predictions")
+    if len(hyps) < len(refs):
+        warnings.warn(f"scoring {len(hyps)} predicted images of the {len(refs)} in {gt_file}: "
+                      f"not comparable with published numbers", stacklevel=2)
+    return caption_scores(refs, hyps, metrics)
+
+
+def format_scores(scores: dict[str, float], name: str = "") -> str:
+    """In percent, as papers print them (B@4 38.5, CIDEr 133.2)."""
+    head = "".join(f"{k:>9}" for k in scores)
+    row = "".join(f"{100 * v:>9.2f}" for v in scores.values())
+    return head + "\n" + row

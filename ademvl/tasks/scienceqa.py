@@ -35,15 +35,19 @@ Prompt (after the model's "Image: <cls>\\n" head) and target, e.g. CQM-A:
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from ..data import Sample
+from . import option
+from ..files import atomic_write_bytes, read_json
 
 OPTIONS = ("A", "B", "C", "D", "E")
 MIN_CHOICES, MAX_CHOICES = 2, len(OPTIONS)
@@ -167,22 +171,16 @@ def read_problems(root: str | Path, split: str = "test", use_caption: bool = Fal
         if not path.exists():
             raise FileNotFoundError(f"{path}: captions file not found; use_caption needs ScienceQA's captions.json "
                                     f"({{\"captions\": {{pid: text}}}}) or set caption_file")
-        captions = json.loads(path.read_text())["captions"]
+        captions = read_json(path, "captions {\"captions\": {pid: text}}")["captions"]
     for pid, p in problems.items():
         p["caption"] = captions.get(pid, "")
     return problems
 
 
 def _read_released(root: Path, split: str) -> dict[str, dict[str, Any]]:
-    problems = json.loads((root / "problems.json").read_text())
+    problems = read_json(root / "problems.json", "ScienceQA problems.json {pid: problem}")
     splits_file = root / "pid_splits.json"
-    if splits_file.exists():
-        splits = json.loads(splits_file.read_text())
-        if split not in splits:
-            raise ValueError(f"{splits_file}: no split {split!r}; it has {', '.join(splits)}")
-        pids = [str(p) for p in splits[split]]
-    else:  # no pid_splits.json: each problem's own `split` field
-        pids = [pid for pid, p in problems.items() if p.get("split") == split]
+    pids = _split_pids(problems, splits_file, split)
     missing = [pid for pid in pids if pid not in problems]
     if missing:
         raise ValueError(f"{splits_file}: {len(missing)} {split} ids are not in problems.json (e.g. {missing[:3]})")
@@ -230,10 +228,7 @@ def _read_parquet(root: Path, split: str) -> dict[str, dict[str, Any]]:
             if rec["image"]:
                 path = image_dir / f"{pid}{Path(image.get('path') or 'image.png').suffix or '.png'}"
                 if not path.exists():
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(path.suffix + ".tmp")
-                    tmp.write_bytes(image["bytes"])
-                    tmp.rename(path)
+                    atomic_write_bytes(path, image["bytes"])
                 rec["image_path"] = str(path)
             out[pid] = rec
     return out
@@ -270,3 +265,196 @@ def load_samples(root: str, split: str = "train", prompt_format: str = "CQM-A", 
         problems = dict(list(problems.items())[:limit])
     problems = valid_problems(problems, skip_invalid)
     return [to_sample(pid, p, prompt_format, use_caption) for pid, p in problems.items()]
+
+
+# ---- evaluation (the task interface: ademvl/tasks/__init__.py) --------------------------------
+@dataclass
+class EvalOptions:
+    """`ademvl eval scienceqa`: generate, read the letter after "The answer is", score the split."""
+
+    data_root: str = option(help="ScienceQA directory (problems.json, pid_splits.json, images/; or the parquet files)")
+    split: str = option("test", "the split to evaluate (a key of pid_splits.json)")
+    prompt_format: str = option("CQM-A", "INPUT-OUTPUT template, e.g. CQM-A, QCM-A, QCM-LEA")
+    use_caption: bool = option(False, "add captions.json's caption to the context")
+    caption_file: str | None = option(None, "another captions file (default DATA_ROOT/captions.json)")
+    blank_images: bool = option(False, "evaluate every problem without its image (indicator 0)")
+    skip_invalid: bool = option(False, "score problems that break a rule (choices, answer, image) as wrong instead of stopping")
+    limit: int | None = option(None, "only the first N problems (quick checks; not comparable)")
+    max_new_tokens: int | None = option(None, "default: enough to reach the letter (8, or 512 after a lecture)")
+
+
+def _problems(o: EvalOptions) -> dict[str, dict[str, Any]]:
+    problems = read_problems(o.data_root, o.split, o.use_caption, o.caption_file)
+    return dict(list(problems.items())[: o.limit]) if o.limit is not None else problems
+
+
+def eval_samples(o: EvalOptions) -> list[Sample]:
+    """Every usable problem of the split; those that break a rule stay out (and score as wrong)."""
+    split_format(o.prompt_format)
+    usable = valid_problems(_problems(o), o.skip_invalid)
+    return [to_sample(pid, p, o.prompt_format, o.use_caption, blank_image=o.blank_images) for pid, p in usable.items()]
+
+
+def generation(o: EvalOptions) -> dict[str, Any]:
+    """Enough tokens to reach the letter: "The answer is X." comes first for A, AL, AE, ... (8
+    tokens); after a lecture/solution for LA, EA, LEA, ELA (up to the released max length, 512)."""
+    return {"max_new_tokens": o.max_new_tokens or (8 if split_format(o.prompt_format)[1].startswith("A") else 512)}
+
+
+def predict(samples: list[Sample], texts: list[str], o: EvalOptions) -> dict[str, Any]:
+    """preds.json {pid: choice index, -1 = unreadable or skipped} and generations.json {pid: text}."""
+    preds = {pid: -1 for pid in _problems(o)}  # skipped problems stay -1: wrong, never dropped
+    generations = {}
+    for s, text in zip(samples, texts):
+        preds[s.id] = parse_answer(text, len(s.meta["choices"]))
+        generations[s.id] = text
+    return {"preds.json": preds, "generations.json": generations}
+
+
+def score_outputs(outputs: dict[str, Any], o: EvalOptions) -> dict[str, Any]:
+    problems = _problems(o)
+    return score_scienceqa(problems, outputs["preds.json"], list(problems))
+
+
+def summary(outputs: dict[str, Any], samples: list[Sample]) -> str:
+    unreadable = sum(1 for s in samples if outputs["preds.json"][s.id] == -1)
+    return f"{len(outputs['preds.json'])} problems, {unreadable} answers unreadable (counted wrong)"
+
+
+@dataclass
+class ScoreOptions:
+    """`ademvl score scienceqa`: accuracy by subject, context and grade of predictions made elsewhere."""
+
+    problems: str = option(help="problems.json of the released dataset")
+    preds: str = option(help="preds.json: {pid: choice index}, -1 = unreadable")
+    split: str | None = option(None, "score every problem of this split (pid_splits.json beside problems.json); default: the predicted ones")
+
+
+def score_files(o: ScoreOptions) -> dict[str, Any]:
+    problems = read_json(o.problems, "ScienceQA problems.json")
+    preds = read_json(o.preds, "predictions {pid: choice index}")
+    return score_scienceqa(problems, preds, split_pids_of(o.problems, o.split) if o.split else None)
+
+
+# ---- forced choice: what the model prefers, whatever the answer's form ---------------------
+ANSWER_PREFIX, LETTERS = "The answer is", "ABCDE"
+
+
+@torch.no_grad()
+def letter_logits(model: Any, samples: list, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Logits of " A" .. " E" right after "The answer is", for each sample: {id: (5,)}.
+
+    One forward pass with "The answer is A." appended. Left padding puts the answer slot at the
+    same place from the end in every row, so the LM head runs on the last few positions only.
+    """
+    tok = model.tokenizer
+    prefix = len(tok.encode(ANSWER_PREFIX, add_special_tokens=False))
+    target = len(tok.encode(f"{ANSWER_PREFIX} A.", add_special_tokens=False)) + 1  # + EOS
+    letters = [tok.encode(f" {c}", add_special_tokens=False)[-1] for c in LETTERS]
+    was_training = model.training
+    model.eval()
+    out: dict[str, torch.Tensor] = {}
+    for i in tqdm(range(0, len(samples), batch_size), desc="forced choice", unit="batch", mininterval=1.0):
+        chunk = [Sample(s.id, s.image, [(s.turns[-1][0], f"{ANSWER_PREFIX} A.")], s.meta) for s in samples[i : i + batch_size]]
+        batch = {k: v.to(model.pos_k.device) for k, v in model.processor(chunk, train=True, padding_side="left").items()}
+        batch.pop("labels")
+        # the last `target - prefix + 1` positions; the first of them predicts the letter
+        slot = model(**batch, logits_to_keep=target - prefix + 1).logits[:, 0]  # (B, V)
+        out.update({s.id: row[letters].float().cpu() for s, row in zip(chunk, slot)})
+    model.train(was_training)
+    return out
+
+
+def forced_choice(model: Any, samples: list, batch_size: int = 16) -> dict[str, int]:
+    """The option whose letter is most likely right after "The answer is", for each sample.
+
+    The ScienceQA protocol counts an answer that does not follow the format as wrong, so a model
+    that never learned the format scores 0 whatever it knows. This reads what the model prefers
+    among the options (samples' meta["choices"]) regardless of format.
+    """
+    logits = letter_logits(model, samples, batch_size)
+    return {s.id: int(logits[s.id][: len(s.meta["choices"])].argmax()) for s in samples}
+
+
+# ---- the scorer -----------------------------------------------------------------------------
+KEYS = ("acc_natural", "acc_social", "acc_language", "acc_has_text", "acc_has_image",
+        "acc_no_context", "acc_grade_1_6", "acc_grade_7_12", "acc_average")
+# Column titles of the paper's Table I, in its order (the same order as the keys).
+TITLES = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
+
+
+def _groups(p: dict[str, Any]) -> dict[str, bool]:
+    """Which columns a problem counts in (ScienceQA's get_scores: TXT = non-empty hint, IMG = an
+    image, NO = neither)."""
+    grade = p.get("grade", "")
+    return {
+        "acc_natural": p.get("subject") == "natural science",
+        "acc_social": p.get("subject") == "social science",
+        "acc_language": p.get("subject") == "language science",
+        "acc_has_text": bool(p.get("hint")),
+        "acc_has_image": bool(p.get("image")),
+        "acc_no_context": not p.get("hint") and not p.get("image"),
+        "acc_grade_1_6": grade in {f"grade{g}" for g in range(1, 7)},
+        "acc_grade_7_12": grade in {f"grade{g}" for g in range(7, 13)},
+        "acc_average": True,
+    }
+
+
+def score_scienceqa(problems: dict[str, dict[str, Any]], preds: dict[str, int],
+                    split_pids: Iterable[str] | None = None) -> dict[str, float | None]:
+    """Accuracy in percent (2 decimals) per column; None for a column with no problem.
+
+    split_pids: the problems to score (every one needs a prediction); default: the predicted ones.
+    A prediction is a choice index; -1 (unreadable) is wrong.
+    """
+    pids = [str(p) for p in (split_pids if split_pids is not None else preds)]
+    if not pids:
+        raise ValueError("nothing to score: no predictions")
+    unknown = [p for p in pids if p not in problems]
+    if unknown:
+        raise ValueError(f"{len(unknown)} predicted ids are not in the problems (e.g. {unknown[:3]}); "
+                         f"score against the problems.json the predictions were made for")
+    missing = [p for p in pids if p not in preds]
+    if missing:
+        raise ValueError(f"{len(missing)} of the {len(pids)} problems of the split have no prediction (e.g. "
+                         f"{missing[:3]}); predict all of them, or leave out --split to score only the predicted ones")
+    right = {k: 0 for k in KEYS}
+    total = {k: 0 for k in KEYS}
+    for pid in pids:
+        p = problems[pid]
+        try:
+            ok = int(preds[pid]) == int(p["answer"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"problem {pid}: prediction {preds[pid]!r} is not a choice index (0-4, -1 = unreadable)") from e
+        for key, member in _groups(p).items():
+            if member:
+                total[key] += 1
+                right[key] += ok
+    return {k: (round(100.0 * right[k] / total[k], 2) if total[k] else None) for k in KEYS}
+
+
+def format_scores(scores: dict[str, float | None], name: str = "") -> str:
+    """The Table I row: NAT SOC LAN | TXT IMG NO | G1-6 G7-12 | Avg."""
+    head = f"{'':<12}" + "".join(f"{t:>8}" for t in TITLES)
+    row = f"{name[:12]:<12}" + "".join(f"{'-' if scores[k] is None else format(scores[k], '.2f'):>8}" for k in KEYS)
+    return head + "\n" + row
+
+
+def split_pids_of(problems_file: str | Path, split: str) -> list[str]:
+    """The ids of a split: pid_splits.json beside problems.json, else the problems' `split` field."""
+    problems_file = Path(problems_file)
+    problems = read_json(problems_file, "ScienceQA problems.json {pid: problem}")
+    return _split_pids(problems, problems_file.with_name("pid_splits.json"), split)
+
+
+def _split_pids(problems: dict[str, Any], splits_file: Path, split: str) -> list[str]:
+    if splits_file.exists():
+        splits = read_json(splits_file, "ScienceQA pid_splits.json {split: [pid, ...]}")
+        if split not in splits:
+            raise ValueError(f"{splits_file}: no split {split!r}; it has {', '.join(splits)}")
+        return [str(p) for p in splits[split]]
+    pids = [pid for pid, p in problems.items() if p.get("split") == split]  # each problem's own `split` field
+    if not pids:
+        raise ValueError(f"{splits_file.parent / 'problems.json'}: no problem has split {split!r} "
+                         "and there is no pid_splits.json beside it")
+    return pids

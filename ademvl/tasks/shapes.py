@@ -27,7 +27,6 @@ NO: text problems stating the fact in the question itself, with no hint), grades
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -228,21 +227,14 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, shuffle_choices: bool 
 
 
 # ---- CLI ------------------------------------------------------------------------------------
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="make datasets")
-    dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    s = dsub.add_parser("synth-shapes", help="synthetic ScienceQA of coloured shapes, in the released layout")
-    s.add_argument("--out", required=True, help="output directory (problems.json, pid_splits.json, images/)")
-    s.add_argument("--n", type=int, default=4000, help="number of problems (80/10/10 train/val/test)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--shuffle-choices", action="store_true",
-                   help="shuffle each problem's option list (harder: the small LLM must read the options)")
-    s.set_defaults(func=run_synth)
 
 
-def run_synth(args: argparse.Namespace) -> int:
-    out = write_dataset(args.out, args.n, args.seed, args.shuffle_choices)
-    splits = json.loads((out / "pid_splits.json").read_text())
-    print(f"wrote {sum(map(len, splits.values()))} problems to {out} "
-          f"(train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])})")
-    return 0
+def per_type(problems: dict[str, dict[str, Any]], preds: dict[str, int], pids: list[str]) -> dict[str, float]:
+    """Accuracy (%) per question type, and over the image questions."""
+    right: dict[str, list[bool]] = {}
+    for pid in pids:
+        right.setdefault(problems[pid]["qtype"], []).append(preds.get(pid, -1) == problems[pid]["answer"])
+    acc = {q: round(100 * sum(v) / len(v), 2) for q, v in sorted(right.items())}
+    image = [x for q, v in right.items() if q in IMAGE_QTYPES for x in v]
+    acc["image_questions"] = round(100 * sum(image) / len(image), 2) if image else None
+    return acc

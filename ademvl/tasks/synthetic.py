@@ -1,4 +1,4 @@
-"""Tiny captioning data made on the fly, for `configs/tiny.yaml`: quick checks of the whole loop.
+"""Tiny captioning data made on the fly, for `ademvl/configs/tiny.yaml`: quick checks of the whole loop.
 
 Each sample is one coloured shape drawn by `ademvl.tasks.shapes` (in memory, nothing on disk) and
 the target names it ("a red circle."); a fraction has no image and asks a question the prompt

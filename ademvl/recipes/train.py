@@ -1,34 +1,35 @@
 """`ademvl train --config FILE`: the training recipe, on Hugging Face Accelerate.
 
 One process on a CPU by default; `accelerate launch` or `torchrun` for data parallel, and FSDP or
-DeepSpeed through Accelerate's own config files (configs/accelerate/). No process group or
+DeepSpeed through Accelerate's own config files (ademvl/configs/accelerate/). No process group or
 gradient sync is written here: Accelerate wraps the model (DDP) and owns mixed precision.
 
-A config file has three sections (see configs/*.yaml):
+A config file (a RunConfig, ademvl/config.py; shipped ones in ademvl/configs/) has three sections:
 
-    model:  AdemVLConfig fields (the method; ademvl/config.py)
+    model:  AdemVLConfig fields (the method)
     data:   task: NAME plus that task's `load_samples` arguments (ademvl/tasks/NAME.py)
-    train:  TrainConfig fields below
+    train:  TrainConfig fields (how to train)
 
-and any key can be overridden on the command line: `--train.batch_size 4 --model.beta 0.1`.
+and any key can be overridden on the command line: `--train.batch_size 4 model.beta=0.1`.
 
 Data order: the sample order of epoch e is a permutation seeded by (seed, e), and optimizer step
 s takes the global batch order[s * B : (s + 1) * B]. The position in the data is therefore the
 step number alone, which makes resuming exact and lets every rank pick its own share of the
 same global batch (rank r, micro-step m takes slice m * world + r), so N processes with
-batch b see exactly the samples of one process with batch b and N accumulation steps.
+batch b see exactly the samples of one process with batch b and N accumulation steps. A torch
+DataLoader over that step-addressed sampler (`StepBatches`) decodes and collates in worker
+processes beside the training loop.
 
 Checkpoints (OUT/checkpoints/step-N/) hold the trainable weights and config (loadable with
 AdemVLModel.from_pretrained) plus trainer_state.pt and one rng_state_RANK.pt per process. They
-are written to a hidden temporary directory and renamed into place: a kill mid-write leaves the
-previous checkpoint as the newest complete one. The final weights go to OUT/checkpoint/.
+are written with `atomic_directory` (ademvl/files.py): a kill mid-write leaves the previous
+checkpoint as the newest complete one. The final weights go to OUT/checkpoint/.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib
+import inspect
 import json
 import math
 import os
@@ -37,8 +38,9 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +48,15 @@ import numpy as np
 import torch
 import yaml
 from accelerate.utils import DistributedType
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from .config import AdemVLConfig, check_keys
-from .data import Sample
-from .model import AdemVLModel, _fsync_dir
+from .. import tasks
+from ..config import RunConfig
+from ..data import Sample
+from ..files import atomic_directory
+from ..model import AdemVLModel
 
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -60,121 +66,54 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-@dataclass
-class TrainConfig:
-    """How to train. lr = blr x total batch / 256 (the released code's rule) unless `lr` is set."""
-
-    output_dir: str = "runs/train"
-    batch_size: int = 8  # per process, per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    epochs: float = 20
-    max_steps: int | None = None  # overrides epochs
-    blr: float = 9e-3
-    lr: float | None = None
-    # Multiply the lr of a parameter group (vision_adapters, proj, cls_proj, pos_k, pos_v).
-    lr_multipliers: dict[str, float] = field(default_factory=dict)
-    weight_decay: float = 0.02  # on matrices; biases and other 1-d parameters get none
-    warmup_epochs: float = 2
-    warmup_steps: int | None = None  # overrides warmup_epochs
-    min_lr: float = 0.0
-    clip_grad: float | None = 1.0
-    mixed_precision: str = "auto"  # auto (bf16 on GPU when supported, fp32 on CPU) | no | bf16 | fp16
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    save_every: int = 500  # steps; the final checkpoint is always written
-    keep_last: int = 3
-    log_every: int = 1
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        check_keys(cls, d, "train setting")
-        if d.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
-            d = {**d, "mixed_precision": "no"}
-        cfg = cls(**d)
-        if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ValueError(f"train.mixed_precision={cfg.mixed_precision!r}: choose auto, no, bf16 or fp16")
-        if cfg.batch_size < 1 or cfg.grad_accum < 1:
-            raise ValueError("train.batch_size and train.grad_accum must be >= 1")
-        return cfg
-
-
-# ---- config files ----------------------------------------------------------------------------
-FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-def _numbers(obj: Any) -> Any:
-    """PyYAML reads 9e-3 as a string (YAML 1.1 wants 9.0e-3): read such strings as floats."""
-    if isinstance(obj, dict):
-        return {k: _numbers(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_numbers(v) for v in obj]
-    return float(obj) if isinstance(obj, str) and FLOAT.match(obj) else obj
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a YAML config and apply `--section.key value` overrides (values parsed as YAML)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: config file not found (examples are in configs/)")
-    cfg = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(cfg) - {"model", "data", "train"})
-    if unknown:
-        raise ValueError(f"{path}: unknown section(s) {', '.join(unknown)}; valid: model, data, train")
-    for k in ("model", "data", "train"):
-        cfg[k] = dict(cfg.get(k) or {})
-    overrides = list(overrides or [])
-    while overrides:
-        key = overrides.pop(0)
-        if not key.startswith("--") or "." not in key:
-            raise ValueError(f"override {key!r}: write --section.key value, e.g. --train.batch_size 4")
-        key = key[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-        elif overrides:
-            value = overrides.pop(0)
-        else:
-            raise ValueError(f"override --{key} needs a value")
-        section, *rest = key.split(".")
-        if section not in ("model", "data", "train"):
-            raise ValueError(f"override --{key}: the section must be model, data or train")
-        node = cfg[section]
-        for part in rest[:-1]:
-            node = node.setdefault(part, {})
-        node[rest[-1]] = yaml.safe_load(value)
-    return _numbers(cfg)
-
-
 def load_data(data_cfg: dict[str, Any]) -> list[Sample]:
     """`ademvl.tasks.<task>.load_samples(**rest)` for the config's data section."""
     data_cfg = dict(data_cfg)
     task = data_cfg.pop("task", None)
     if not task:
         raise ValueError("data.task is missing (e.g. scienceqa, coco, instruct, synthetic)")
-    try:
-        module = importlib.import_module(f"ademvl.tasks.{task}")
-    except ModuleNotFoundError as e:
-        raise ValueError(f"data.task={task!r}: no such task (ademvl/tasks/{task}.py)") from e
-    samples = module.load_samples(**data_cfg)
+    load = tasks.get(task).load_samples
+    valid = [p for p in inspect.signature(load).parameters]
+    unknown = sorted(set(data_cfg) - set(valid))
+    if unknown:
+        raise ValueError(f"data: unknown key(s) {unknown} for task {task}; valid keys: task, {', '.join(valid)}")
+    samples = load(**data_cfg)
     if not samples:
         raise ValueError(f"data: task {task} with {data_cfg} gave no samples")
     return samples
 
 
-# ---- schedule and data order -----------------------------------------------------------------
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up, then cosine decay to min_lr (as a fraction of the peak lr)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
+# ---- data order ------------------------------------------------------------------------------
 def global_batch(step: int, n: int, total_batch: int, seed: int) -> list[int]:
     """Sample indices of optimizer step `step`: a seeded permutation per epoch, drop-last."""
     per_epoch = n // total_batch
     epoch, pos = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
     return perm[pos * total_batch : (pos + 1) * total_batch]
+
+
+class StepBatches(Sampler[list[int]]):
+    """This rank's micro-batches of optimizer steps start..stop-1, in order (a DataLoader batch sampler).
+
+    Step s takes the global batch `global_batch(s, ...)`; rank r's micro-step m is its slice
+    m * world + r. The position in the data is the step number alone: resuming at step s starts
+    the sampler at s.
+    """
+
+    def __init__(self, n: int, batch_size: int, grad_accum: int, world: int, rank: int, seed: int,
+                 start: int, stop: int) -> None:
+        self.n, self.b, self.accum, self.world, self.rank, self.seed = n, batch_size, grad_accum, world, rank, seed
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * self.accum
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            idx = global_batch(step, self.n, self.b * self.accum * self.world, self.seed)
+            for m in range(self.accum):
+                j = (m * self.world + self.rank) * self.b
+                yield idx[j : j + self.b]
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
@@ -219,13 +158,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class Trainer:
     """Everything one training run holds. `fit()` runs it; the pieces are methods for reading."""
 
-    def __init__(self, cfg: dict[str, Any], resume: str | None = None) -> None:
+    def __init__(self, cfg: RunConfig, resume: str | None = None) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.cfg = cfg
-        self.tc = TrainConfig.from_dict(cfg["train"])
-        self.model_cfg = AdemVLConfig.from_dict(cfg["model"])
+        self.tc, self.model_cfg = cfg.train, cfg.model
         self.out = Path(self.tc.output_dir)
         mp = self.tc.mixed_precision
         if mp == "auto":
@@ -235,7 +173,7 @@ class Trainer:
         self.resume_from = resolve_resume(resume, self.out)
         set_seed(self.tc.seed)  # the same initial trainable weights on every rank
 
-        self.samples = load_data(cfg["data"])
+        self.samples = load_data(cfg.data)
         self.total_batch = self.tc.batch_size * self.tc.grad_accum * self.acc.num_processes
         if len(self.samples) < self.total_batch:
             raise ValueError(f"{len(self.samples)} samples is fewer than one total batch of {self.total_batch} "
@@ -255,11 +193,11 @@ class Trainer:
         optimizer = torch.optim.AdamW(self.param_groups(model), lr=self.lr, weight_decay=self.tc.weight_decay)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        min_ratio = self.tc.min_lr / self.lr if self.lr > 0 else 0.0
         # Not handed to accelerate.prepare: its wrapper steps the schedule once per process.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
-            lambda s: lr_lambda(s, self.warmup, self.max_steps, min_ratio))
+            num_warmup_steps=self.warmup, num_training_steps=self.max_steps,
+            min_lr_rate=self.tc.min_lr / self.lr if self.lr > 0 else 0.0)
         self.step = 0
         if self.resume_from is not None:
             self.load_state(self.resume_from)
@@ -278,20 +216,25 @@ class Trainer:
                  "weight_decay": self.tc.weight_decay if decay else 0.0}
                 for (g, decay), ps in groups.items()]
 
-    def micro_batches(self, step: int) -> list[list[Sample]]:
-        """This rank's micro-batches of optimizer step `step` (see the module docstring)."""
-        idx = global_batch(step, len(self.samples), self.total_batch, self.tc.seed)
-        b, world, rank = self.tc.batch_size, self.acc.num_processes, self.acc.process_index
-        return [[self.samples[i] for i in idx[(m * world + rank) * b : (m * world + rank + 1) * b]]
-                for m in range(self.tc.grad_accum)]
+    def batches(self, start: int) -> DataLoader:
+        """This rank's collated micro-batches from optimizer step `start` on (see the module docstring)."""
+        sampler = StepBatches(len(self.samples), self.tc.batch_size, self.tc.grad_accum, self.acc.num_processes,
+                              self.acc.process_index, self.tc.seed, start, self.max_steps)
+        workers = self.tc.num_workers
+        # Its own generator: a DataLoader draws its workers' base seed from it, and drawing from the
+        # global one would shift the dropout masks of a resumed run.
+        return DataLoader(self.samples, batch_sampler=sampler, collate_fn=partial(self.processor, train=True),
+                          num_workers=workers, prefetch_factor=2 if workers else None, persistent_workers=False,
+                          generator=torch.Generator().manual_seed(self.tc.seed))
 
-    def train_step(self, step: int) -> tuple[float, float]:
-        """Forward, backward, clip and update for one optimizer step. Returns (loss, grad norm)."""
+    def train_step(self, step: int, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """Forward, backward, clip and update for one optimizer step on its collated micro-batches.
+
+        Returns (loss, grad norm)."""
         self.model.train()
         total = torch.zeros((), device=self.acc.device)
-        micro = self.micro_batches(step)
-        for m, samples in enumerate(micro):
-            batch = {k: v.to(self.acc.device) for k, v in self.processor(samples, train=True).items()}
+        for m, batch in enumerate(micro):
+            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
             # DDP/FSDP: all-reduce only after the last micro-step (DeepSpeed accumulates itself).
             last = m == len(micro) - 1 or self.acc.distributed_type == DistributedType.DEEPSPEED
             sync = nullcontext() if last else self.acc.no_sync(self.model)
@@ -319,25 +262,19 @@ class Trainer:
 
     # ---- state ----
     def save_state(self) -> Path | None:
-        """Write OUT/checkpoints/step-N atomically and keep the last K."""
-        self.acc.wait_for_everyone()
+        """Write OUT/checkpoints/step-N atomically (every rank's RNG state included) and keep the last K."""
+        from accelerate.utils import gather_object
+
+        rng = gather_object([_rng_state()])  # one per rank, in rank order
         final = self.out / CHECKPOINTS / f"step-{self.step}"
-        tmp = final.with_name(f".{final.name}.tmp")
         if self.acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            self.unwrapped().save_pretrained(tmp)
-            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "train": dataclasses.asdict(self.tc),
-                        "total_batch": self.total_batch, "max_steps": self.max_steps}, tmp / "trainer_state.pt")
-        self.acc.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng_state_{self.acc.process_index}.pt")  # every rank its own
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)  # the commit point
+            with atomic_directory(final) as tmp:
+                self.unwrapped().write_checkpoint(tmp)
+                torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                            "scheduler": self.scheduler.state_dict(), "train": dataclasses.asdict(self.tc),
+                            "total_batch": self.total_batch, "max_steps": self.max_steps}, tmp / "trainer_state.pt")
+                for rank, state in enumerate(rng):
+                    torch.save(state, tmp / f"rng_state_{rank}.pt")
             for old in list_checkpoints(self.out)[: -self.tc.keep_last]:
                 shutil.rmtree(old)
         self.acc.wait_for_everyone()
@@ -368,7 +305,7 @@ class Trainer:
         main = self.acc.is_main_process
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg, sort_keys=False))
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             self.acc.init_trackers("tensorboard")
         log = open(self.out / "log.jsonl", "a") if main else None
         if main:
@@ -379,10 +316,11 @@ class Trainer:
                   file=sys.stderr)
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not main, dynamic_ncols=True)
         start, t_last, losses = time.time(), time.time(), []
+        batches = iter(self.batches(self.step))
         try:
             while self.step < self.max_steps:
                 lr = self.lr * self.scheduler.lr_lambdas[0](self.step)  # this step's base lr (multiplier 1)
-                loss, norm = self.train_step(self.step)
+                loss, norm = self.train_step(self.step, [next(batches) for _ in range(self.tc.grad_accum)])
                 self.step += 1
                 now = time.time()
                 sec, t_last = now - t_last, now
@@ -416,30 +354,15 @@ class Trainer:
         return summary
 
 
-def train(cfg: dict[str, Any], resume: str | None = None) -> dict[str, Any]:
-    """Run the recipe for a loaded config (see `load_config`)."""
+def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
+    """Run the recipe for a loaded config (`ademvl.config.load_run_config`)."""
     return Trainer(cfg, resume).fit()
 
 
-# ---- CLI -------------------------------------------------------------------------------------
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train ADEM-VL from a YAML config (Accelerate; torchrun/accelerate launch for many GPUs)",
-                       description="Any config key can be overridden: --train.batch_size 4 --model.beta 0.1 --data.root DIR")
-    p.add_argument("--config", required=True, help="YAML file with model:, data:, train: sections (see configs/)")
-    p.add_argument("--output-dir", help="where checkpoints and logs go (train.output_dir)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
-    p.add_argument("--resume", help="a checkpoint directory, or 'auto' for the newest in the output directory")
-    p.add_argument("--seed", type=int, help="train.seed")
-    p.set_defaults(func=run, accepts_overrides=True)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    for key, value in (("output_dir", args.output_dir), ("max_steps", args.max_steps), ("seed", args.seed)):
-        if value is not None:
-            cfg["train"][key] = value
+def train_and_report(cfg: RunConfig, resume: str | None = None) -> int:
+    """`ademvl train`: train, print the summary once (rank 0), and exit cleanly under torchrun."""
     try:
-        summary = train(cfg, args.resume)
+        summary = train(cfg, resume)
     except TrainingDiverged as e:
         print(f"ademvl train: error: {e}", file=sys.stderr)
         return 1

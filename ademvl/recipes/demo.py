@@ -2,8 +2,8 @@
 
 1. synthetic ScienceQA of coloured shapes (`ademvl.tasks.shapes`, the released layout);
 2. ADEM-VL on the embedded SmolLM2-135M-Instruct + a small CLIP ViT with random weights
-   (configs/demo.yaml; the training recipe of `ademvl train`);
-3. the ScienceQA protocol (`ademvl.evaluate`) on the test split: the trained checkpoint, the same
+   (ademvl/configs/demo.yaml; the training recipe of `ademvl train`);
+3. the ScienceQA protocol (`ademvl.recipes.evaluate`) on the test split: the trained checkpoint, the same
    checkpoint with every image blanked (indicator 0), the untrained model, and the trained model
    on a copy of the test set whose option lists are shuffled (the harder variant; no target);
 4. OUT/report.md + report.json, the loss curve and a figure of the adaptive-fusion drop decisions.
@@ -15,7 +15,7 @@ says so.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
-from .config import AdemVLConfig
-from .model import AdemVLModel, decoder_layers
-from .tasks import shapes
+from ..config import AdemVLConfig, RunConfig, TrainConfig, config_path, load_run_config
+from ..files import read_json, write_json
+from ..model import AdemVLModel, decoder_layers
+from ..tasks import shapes
 
-REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+REPO_CONFIG = config_path("demo")
 RANDOM_TOWER_NOTE = ("The vision tower is a small CLIP ViT with **randomly initialised, frozen** weights (fixed seed): "
                      "no pretrained vision weights can be had offline. The fusion learns to read a random feature "
                      "extractor; with a pretrained tower (e.g. `--model.vision openai/clip-vit-large-patch14`) the same "
@@ -39,60 +40,6 @@ SQA_COLUMNS = {"acc_natural": "NAT", "acc_social": "SOC", "acc_language": "LAN",
                "acc_average": "Avg"}
 
 
-def per_type(problems: dict[str, dict[str, Any]], preds: dict[str, int], pids: list[str]) -> dict[str, float]:
-    """Accuracy (%) per question type, and over the image questions."""
-    right: dict[str, list[bool]] = {}
-    for pid in pids:
-        right.setdefault(problems[pid]["qtype"], []).append(preds.get(pid, -1) == problems[pid]["answer"])
-    acc = {q: round(100 * sum(v) / len(v), 2) for q, v in sorted(right.items())}
-    image = [x for q, v in right.items() if q in shapes.IMAGE_QTYPES for x in v]
-    acc["image_questions"] = round(100 * sum(image) / len(image), 2) if image else None
-    return acc
-
-
-ANSWER_PREFIX, LETTERS = "The answer is", "ABCDE"
-
-
-@torch.no_grad()
-def letter_logits(model: AdemVLModel, samples: list, batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """Logits of " A" .. " E" right after "The answer is", for each sample: {id: (5,)}.
-
-    One forward pass with "The answer is A." appended. Left padding puts the answer slot at the
-    same place from the end in every row, so the LM head runs on the last few positions only.
-    """
-    from tqdm import tqdm
-
-    from .data import Sample
-
-    tok = model.tokenizer
-    prefix = len(tok.encode(ANSWER_PREFIX, add_special_tokens=False))
-    target = len(tok.encode(f"{ANSWER_PREFIX} A.", add_special_tokens=False)) + 1  # + EOS
-    letters = [tok.encode(f" {c}", add_special_tokens=False)[-1] for c in LETTERS]
-    was_training = model.training
-    model.eval()
-    out: dict[str, torch.Tensor] = {}
-    for i in tqdm(range(0, len(samples), batch_size), desc="forced choice", unit="batch", mininterval=1.0):
-        chunk = [Sample(s.id, s.image, [(s.turns[-1][0], f"{ANSWER_PREFIX} A.")], s.meta) for s in samples[i : i + batch_size]]
-        batch = {k: v.to(model.pos_k.device) for k, v in model.processor(chunk, train=True, padding_side="left").items()}
-        batch.pop("labels")
-        # the last `target - prefix + 1` positions; the first of them predicts the letter
-        slot = model(**batch, logits_to_keep=target - prefix + 1).logits[:, 0]  # (B, V)
-        out.update({s.id: row[letters].float().cpu() for s, row in zip(chunk, slot)})
-    model.train(was_training)
-    return out
-
-
-def forced_choice(model: AdemVLModel, samples: list, batch_size: int = 16) -> dict[str, int]:
-    """The option whose letter is most likely right after "The answer is", for each sample.
-
-    The ScienceQA protocol counts an answer that does not follow the format as wrong, so a model
-    that never learned the format scores 0 whatever it knows. This reads what the model prefers
-    among the options (samples' meta["choices"]) regardless of format.
-    """
-    logits = letter_logits(model, samples, batch_size)
-    return {s.id: int(logits[s.id][: len(s.meta["choices"])].argmax()) for s in samples}
-
-
 def evaluate(model: AdemVLModel, data: Path, out: Path, blank: bool = False, batch_size: int = 16) -> dict[str, Any]:
     """The ScienceQA protocol on the test split, accuracy per question type, and forced choice.
 
@@ -100,18 +47,19 @@ def evaluate(model: AdemVLModel, data: Path, out: Path, blank: bool = False, bat
     where it could not, so a model that answers out of format is still seen at chance (or above),
     at the cost of one extra pass over its unreadable answers only.
     """
-    from .evaluate import evaluate_scienceqa
-    from .tasks import scienceqa as sqa
+    from ..tasks import scienceqa as sqa
+    from .evaluate import evaluate as run_eval
 
-    res = evaluate_scienceqa(model, data, "test", out_dir=out, batch_size=batch_size, blank_images=blank)
-    problems = json.loads((data / "problems.json").read_text())
-    pids = json.loads((data / "pid_splits.json").read_text())["test"]
-    unreadable = [sqa.to_sample(pid, p, blank_image=blank) for pid, p in sqa.read_problems(data, "test").items()
-                  if res["preds"][pid] == -1]
-    forced = {**res["preds"], **forced_choice(model, unreadable, batch_size)}
-    (out / "forced_choice.json").write_text(json.dumps(forced) + "\n")
-    return {"scores": res["scores"], "per_type": per_type(problems, res["preds"], pids), "unreadable": res["unreadable"],
-            "forced_choice_per_type": per_type(problems, forced, pids)}
+    opts = sqa.EvalOptions(data_root=str(data), split="test", blank_images=blank)
+    res = run_eval(model, "scienceqa", opts, out_dir=out, batch_size=batch_size)
+    preds = res.outputs["preds.json"]
+    problems = read_json(data / "problems.json", "ScienceQA problems.json")
+    pids = read_json(data / "pid_splits.json", "ScienceQA pid_splits.json")["test"]
+    unreadable = [s for s in res.samples if preds[s.id] == -1]
+    forced = {**preds, **sqa.forced_choice(model, unreadable, batch_size)}
+    write_json(out / "forced_choice.json", forced)
+    return {"scores": res.scores, "per_type": shapes.per_type(problems, preds, pids), "unreadable": len(unreadable),
+            "forced_choice_per_type": shapes.per_type(problems, forced, pids)}
 
 
 # ---- figures ---------------------------------------------------------------------------------
@@ -145,7 +93,7 @@ def drop_decisions(model: AdemVLModel, samples: list, layers: list[int]) -> list
     visual keys, and applies the fusion's own rule (`fusion.weakest`): the floor(gamma N) smallest
     scores of the row are dropped. Returns per sample {layer: (N,) bool}.
     """
-    from .fusion import num_dropped, qk_activation, weakest
+    from ..fusion import num_dropped, qk_activation, weakest
 
     model.eval()
     caught: dict[int, torch.Tensor] = {}
@@ -183,7 +131,7 @@ def plot_drops(model: AdemVLModel, data: Path, path: Path, n_images: int = 4) ->
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from .tasks import scienceqa as sqa
+    from ..tasks import scienceqa as sqa
 
     problems = sqa.read_problems(data, "test")
     chosen, seen = [], set()
@@ -237,7 +185,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path = REPO_CONFIG, n:
     """Everything `ademvl demo` does; returns what report.json holds."""
     from accelerate.utils import set_seed
 
-    from .train import Trainer, load_config
+    from .train import Trainer
 
     t_start = time.time()
     out = Path(out)
@@ -250,10 +198,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path = REPO_CONFIG, n:
     shapes.write_dataset(data_shuffled, n, seed, shuffle_choices=True)
     times["data_s"] = time.time() - t
 
-    cfg = load_config(config, overrides)
-    cfg["data"]["root"] = str(data)
-    cfg["train"]["output_dir"] = str(out)
-    cfg["train"]["seed"] = seed
+    cfg = load_run_config(config, [*(overrides or []), f"data.root={data}", f"train.output_dir={out}", f"train.seed={seed}"])
     for old in ("log.jsonl", "summary.json"):
         (out / old).unlink(missing_ok=True)  # a fresh run, not an append to an earlier one
     t = time.time()
@@ -270,17 +215,17 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path = REPO_CONFIG, n:
                "options_shuffled": evaluate(model, data_shuffled, out / "eval" / "shuffled", batch_size=batch_size)}
     drops = plot_drops(model, data, out / "drops.png")
     set_seed(seed)  # the initial weights the training started from
-    untrained = AdemVLModel.build(AdemVLConfig.from_dict(cfg["model"]))
+    untrained = AdemVLModel.build(cfg.model)
     results["untrained"] = evaluate(untrained, data, out / "eval" / "untrained", batch_size=batch_size)
     times["eval_s"] = time.time() - t
     plot_loss(out / "log.jsonl", out / "loss.png")
     times["total_s"] = time.time() - t_start
 
     report = {
-        "models": {"llm": cfg["model"].get("llm", AdemVLConfig.llm), "vision": cfg["model"].get("vision", AdemVLConfig.vision),
+        "models": {"llm": cfg.model.llm, "vision": cfg.model.vision,
                    "vision_weights": "random (fixed seed), frozen: no pretrained vision weights offline"},
-        "data": {"n": n, "seed": seed, "test_problems": len(json.loads((data / "pid_splits.json").read_text())["test"])},
-        "config": cfg, "train": summary, "results": results, "drops": drops, "times": times,
+        "data": {"n": n, "seed": seed, "test_problems": len(read_json(data / "pid_splits.json", "pid_splits.json")["test"])},
+        "config": cfg.to_dict(), "train": summary, "results": results, "drops": drops, "times": times,
         "targets": {"image_questions_ge_90": results["trained"]["per_type"]["image_questions"] >= 90,
                     "blanked_le_45": results["images_blanked"]["per_type"]["image_questions"] <= 45,
                     "total_le_15_min": times["total_s"] <= 15 * 60},
@@ -299,18 +244,17 @@ PAPER_SAYS = {"train.lr": "blr 9e-3 x total batch / 256", "train.max_steps": "20
               "train.mixed_precision": "mixed (GPU)"}
 
 
-def changes(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+def changes(cfg: RunConfig) -> list[dict[str, Any]]:
     """Every model and training setting of the demo config that differs from the paper's default."""
-    from .train import TrainConfig
-
     rows = []
     for section, default in (("model", AdemVLConfig()), ("train", TrainConfig())):
-        for k, v in cfg[section].items():
-            if k in ("llm", "vision") or k in BOOKKEEPING:
+        ours = getattr(cfg, section)
+        for f in dataclasses.fields(ours):
+            k, v, d = f.name, getattr(ours, f.name), getattr(default, f.name)
+            if k in ("llm", "vision", "base") or k in BOOKKEEPING or v == d:
                 continue
-            d = getattr(default, k)
-            if (list(d) if isinstance(d, tuple) else d) != v:
-                rows.append({"setting": f"{section}.{k}", "paper": PAPER_SAYS.get(f"{section}.{k}", d), "demo": v})
+            rows.append({"setting": f"{section}.{k}", "paper": PAPER_SAYS.get(f"{section}.{k}", d),
+                         "demo": list(v) if isinstance(v, tuple) else v})
     return rows
 
 
@@ -376,24 +320,3 @@ def render_report(r: dict[str, Any]) -> str:
               f"Visual tokens dropped (red) for the last prompt token at layers {r['drops']['layers']}, both scales:", "",
               "![drops](drops.png)", ""]
     return "\n".join(lines) + "\n"
-
-
-# ---- CLI -------------------------------------------------------------------------------------
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="synthetic ScienceQA -> train -> evaluate -> runs/demo/report.md (CPU, ~15 min)",
-                       description="Config keys can be overridden as in `ademvl train`: --train.max_steps 50 ...")
-    p.add_argument("--out", default="runs/demo", help="output directory (checkpoint/, report.md, report.json, figures)")
-    p.add_argument("--config", default=str(REPO_CONFIG), help="training config (default configs/demo.yaml)")
-    p.add_argument("--n", type=int, default=4000, help="problems to generate (10%% are the test split)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
-    p.set_defaults(func=run, accepts_overrides=True)
-
-
-def run(args: argparse.Namespace) -> int:
-    report = run_demo(args.out, args.config, args.n, args.seed, args.overrides, args.batch_size)
-    pt = report["results"]["trained"]["per_type"]
-    print(f"image questions: {pt['image_questions']:.1f}% (blanked {report['results']['images_blanked']['per_type']['image_questions']:.1f}%, "
-          f"untrained {report['results']['untrained']['per_type']['image_questions']:.1f}%); "
-          f"total {report['times']['total_s'] / 60:.1f} min; report: {Path(args.out) / 'report.md'}")
-    return 0

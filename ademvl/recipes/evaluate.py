@@ -1,0 +1,89 @@
+"""The evaluation recipe: one loop over the task interface (ademvl/tasks/__init__.py).
+
+    samples = task.eval_samples(opts)            the prompts
+    texts   = generate_texts(model, samples)     greedy by default, left-padded batches, KV cache
+    outputs = task.predict(samples, texts, opts) the files the task's standard scorer reads
+    scores  = task.score_outputs(outputs, opts)  written beside them as scores.json
+
+What each task writes: scienceqa OUT/preds.json {pid: choice index, -1 = unreadable} and
+generations.json; coco OUT/preds.json [{image_id, caption}] (the COCO results format); mme
+OUT/{subtask}.txt (image \\t question \\t ground truth \\t prediction, the eval_tool's layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .. import tasks
+from ..data import Sample
+from ..files import atomic_write_bytes, write_json
+
+
+@torch.no_grad()
+def generate_texts(model: Any, samples: list[Sample], batch_size: int = 16, desc: str = "generate",
+                   **generate_kwargs: Any) -> list[str]:
+    """The model's answer to the last turn of each sample (special tokens dropped)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be at least 1")
+    was_training = model.training
+    model.eval()  # adapter dropout off; restored below so a trainer can evaluate mid-run
+    device = model.pos_k.device
+    generate_kwargs.setdefault("do_sample", False)
+    texts: list[str] = []
+    with tqdm(total=len(samples), desc=desc, unit="sample", mininterval=1.0) as bar:
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i:i + batch_size]
+            batch = model.processor(chunk, train=False)
+            batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            out = model.generate(**batch, **generate_kwargs)
+            n = generate_kwargs.get("num_return_sequences", 1)
+            texts += model.tokenizer.batch_decode(out[::n], skip_special_tokens=True)
+            bar.update(len(chunk))
+    model.train(was_training)
+    return texts
+
+
+@dataclass
+class Evaluation:
+    """What one evaluation produced: the task's output files, their scores, a console line."""
+
+    task: str
+    outputs: dict[str, Any]
+    scores: Any
+    summary: str
+    samples: list[Sample] = field(repr=False, default_factory=list)
+
+
+def evaluate(model: Any, task: str, opts: Any, out_dir: str | Path | None = None, batch_size: int = 16) -> Evaluation:
+    """Run `task` (a name in ademvl.tasks.EVAL_TASKS) with its EvalOptions; write OUT/ if given."""
+    t = tasks.get(task, evaluable=True)
+    samples = t.eval_samples(opts)
+    texts = generate_texts(model, samples, batch_size, desc=f"{task} {getattr(opts, 'split', '')}".strip(),
+                           **t.generation(opts))
+    outputs = t.predict(samples, texts, opts)
+    scores = t.score_outputs(outputs, opts)
+    if out_dir is not None:
+        write_outputs(out_dir, outputs, scores)
+    return Evaluation(task, outputs, scores, t.summary(outputs, samples), samples)
+
+
+def write_outputs(out_dir: str | Path, outputs: dict[str, Any], scores: Any = None) -> None:
+    """Each output as its file (text as is, anything else as JSON), then scores.json."""
+    out = Path(out_dir)
+    for name, obj in outputs.items():
+        if isinstance(obj, str):
+            atomic_write_bytes(out / name, obj.encode())
+        else:
+            write_json(out / name, obj)
+    if scores is not None:
+        write_json(out / "scores.json", scores, indent=2)
+
+
+def score(task: str, opts: Any) -> Any:
+    """Scores of predictions made elsewhere (`ademvl score TASK`), with the task's own scorer."""
+    return tasks.get(task, evaluable=True).score_files(opts)
