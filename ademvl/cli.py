@@ -18,6 +18,7 @@ COMMANDS = [
     "ademvl.tasks.shapes",  # data synth-shapes
     "ademvl.bench",  # bench
     "ademvl.demo",  # demo
+    "ademvl.released",  # import-released, export-released
 ]
 
 

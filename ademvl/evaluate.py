@@ -30,8 +30,10 @@ from .tasks import scienceqa as sqa
 
 @torch.no_grad()
 def generate_texts(model: Any, samples: list[Sample], batch_size: int = 16, desc: str = "generate",
-                   **generate_kwargs: Any) -> list[str]:
-    """The model's answer to the last turn of each sample (special tokens dropped)."""
+                   processor: Any = None, **generate_kwargs: Any) -> list[str]:
+    """The model's answer to the last turn of each sample (special tokens dropped).
+
+    processor: another input layout than the model's own (e.g. the released one)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
     was_training = model.training
@@ -42,7 +44,7 @@ def generate_texts(model: Any, samples: list[Sample], batch_size: int = 16, desc
     with tqdm(total=len(samples), desc=desc, unit="sample", mininterval=1.0) as bar:
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
-            batch = model.processor(chunk, train=False)
+            batch = (processor or model.processor)(chunk, train=False)
             batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             out = model.generate(**batch, **generate_kwargs)
             n = generate_kwargs.get("num_return_sequences", 1)
@@ -165,6 +167,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--limit", type=int, default=None, help="only the first N items (quick checks; not comparable)")
         q.add_argument("--max-new-tokens", type=int, default=None)
         q.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+        q.add_argument("--protocol", default="ademvl", choices=["ademvl", "released"],
+                       help="released: the authors' input layout and eval script, for imported checkpoints (docs/released.md)")
 
     s = esub.add_parser("scienceqa", help="ScienceQA accuracy (released layout or parquet)")
     common(s, "ScienceQA directory (problems.json, pid_splits.json, images/; or the parquet files)")
@@ -202,6 +206,9 @@ def load_model(args: argparse.Namespace) -> Any:
 
 
 def run_scienceqa(args: argparse.Namespace) -> int:
+    if args.protocol == "released":  # the authors' eval script (ademvl/released_protocol.py)
+        from .released_protocol import run as run_released
+        return run_released("scienceqa", args, load_model(args))
     model = load_model(args)
     r = evaluate_scienceqa(model, args.data_root, args.split, args.out, args.batch_size, args.prompt_format,
                            args.use_caption, args.blank_images, args.limit, args.max_new_tokens,
@@ -213,6 +220,9 @@ def run_scienceqa(args: argparse.Namespace) -> int:
 
 
 def run_coco(args: argparse.Namespace) -> int:
+    if args.protocol == "released":  # the authors' eval script (ademvl/released_protocol.py)
+        from .released_protocol import run as run_released
+        return run_released("coco", args, load_model(args))
     model = load_model(args)
     r = evaluate_coco(model, args.data_root, args.split, args.out, args.ann_root, gt_file=args.gt,
                       batch_size=args.batch_size, num_beams=args.num_beams,
@@ -224,6 +234,9 @@ def run_coco(args: argparse.Namespace) -> int:
 
 
 def run_mme(args: argparse.Namespace) -> int:
+    if args.protocol == "released":  # the authors' eval script (ademvl/released_protocol.py)
+        from .released_protocol import run as run_released
+        return run_released("mme", args, load_model(args))
     model = load_model(args)
     r = evaluate_mme(model, args.data_root, args.out, args.batch_size, args.max_new_tokens or 10, args.limit,
                      args.subtasks)
