@@ -275,3 +275,28 @@ def test_eval_scienceqa_protocol_released(model: AdemVLModel, tmp_path: Path, ca
     generations = json.loads((tmp_path / "out" / "generations.json").read_text())
     assert sorted(generations) == ["1", "2"]
     assert all(len(model.tokenizer(g, add_special_tokens=False).input_ids) <= 1 for g in generations.values())
+
+
+# ---- the released optimiser -------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_CONFIGS = sorted((ROOT / "configs").glob("*llama*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=[p.stem for p in PAPER_CONFIGS])
+def test_paper_configs_follow_the_released_optimiser(path: Path) -> None:
+    from ademvl.train import TrainConfig, load_config
+
+    tc = TrainConfig.from_dict(load_config(path)["train"])
+    assert (tc.betas, tc.weight_decay, tc.clip_grad, tc.blr, tc.batch_size * tc.grad_accum * 8) == (
+        (0.9, 0.95), 0.02, None, 9e-3, 32)
+
+
+def test_trainer_uses_the_betas_and_timms_decay_groups(tmp_path: Path) -> None:
+    """timm's param_groups_weight_decay (the released train.py): no decay for biases and 1-d parameters."""
+    from ademvl.train import Trainer, load_config
+
+    t = Trainer(load_config(ROOT / "configs" / "tiny.yaml", ["--train.output_dir", str(tmp_path), "--train.betas", "[0.9, 0.95]"]))
+    assert {g["betas"] for g in t.optimizer.param_groups} == {(0.9, 0.95)}
+    no_decay = {id(p) for g in t.optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    timm = {id(p) for n, p in t.raw.named_parameters() if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias"))}
+    assert no_decay == timm and len(timm) == 4  # proj and cls_proj: fc1.bias, fc2.bias
