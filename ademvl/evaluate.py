@@ -201,6 +201,9 @@ def load_model(args: argparse.Namespace) -> Any:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.protocol == "ademvl" and (Path(args.checkpoint) / "released.json").exists():
+        warnings.warn(f"{args.checkpoint} was imported from the authors' release; it was trained on their token "
+                      "layout: evaluate it with --protocol released (docs/released.md)", stacklevel=2)
     model = AdemVLModel.from_pretrained(args.checkpoint, llm=args.llm, vision=args.vision)
     return model.to(device)
 

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from . import hub
 from .config import AdemVLConfig
 from .model import WEIGHTS_NAME, AdemVLModel, build_meta
+from .vision import truncate_tower
 
 SAFE_GLOBALS = [argparse.Namespace]  # the only class a released checkpoint pickles
 SOURCE_NAME = "released.json"  # beside an imported checkpoint: where it came from, their args, what was dropped
@@ -225,12 +226,15 @@ def config_from_args(args: dict[str, Any], state: dict[str, Tensor], llm: str, v
 
 
 def _shell(config: AdemVLConfig) -> AdemVLModel:
-    """The model the weights go into. Meta-device base models (only their config.json is read,
-    so a 7B import costs seconds), except a random or embedded tower, whose weights are built
-    for real so the checkpoint records their fingerprint as training would."""
+    """The model the weights go into, on meta-device base models: only their config.json is read,
+    so a 7B import costs seconds. A random or embedded tower is also built for real, once, for the
+    fingerprint a checkpoint made by training records (AdemVLModel.__init__ does the same)."""
+    model = build_meta(config.llm, config.vision, config)
     if config.vision == hub.EMBEDDED_VISION or config.vision.startswith("random:"):
-        return AdemVLModel.build(config)
-    return build_meta(config.llm, config.vision, config)
+        tower = hub.load_vision(config.vision)
+        truncate_tower(tower, config.vision_layer)
+        model.config.base["vision_fingerprint"] = hub.fingerprint(tower)
+    return model
 
 
 def _check_shapes(model: AdemVLModel, ours: dict[str, Tensor], where: str) -> None:

@@ -79,9 +79,11 @@ def read_letter(text: str, num_choices: int) -> int:
 
 
 def read_caption(text: str) -> str:
-    """eval_caption.py: what follows "picture of" (to the line's end) if the text has it, else the text."""
+    """eval_caption.py: what follows "picture of" (to the line's end) if the text has it, else the text.
+
+    Stripped: SentencePiece's decode never starts with a space, a Hugging Face decode may."""
     found = AFTER_PICTURE_OF.findall(text)
-    return found[0] if found else text
+    return found[0] if found else text.strip()
 
 
 def read_mme_answer(text: str) -> str:

@@ -260,7 +260,7 @@ def test_read_letter_takes_the_first_capital(text: str, n: int, expected: int) -
 
 
 def test_read_caption() -> None:
-    assert read_caption("a man riding a horse") == "a man riding a horse"
+    assert read_caption(" a man riding a horse") == "a man riding a horse"
     assert read_caption("a picture of a dog on a bed") == "a dog on a bed"
 
 
