@@ -168,7 +168,7 @@ def evaluate_scienceqa(model: Any, data_root: str | Path, split: str = "test", o
 
 def evaluate_coco(model: Any, image_root: str | Path, split: str = "val", out_dir: str | Path | None = None,
                   ann_root: str | None = None, gt_file: str | Path | None = None, batch_size: int = 16,
-                  limit: int | None = None) -> dict[str, Any]:
+                  limit: int | None = None, metrics: tuple[str, ...] | None = None) -> dict[str, Any]:
     """eval_caption.py: "a picture of", 20 greedy tokens, CLIP mean/std. Returns {"preds", "scores"}."""
     from . import score
     from .evaluate import _write, generate_texts
@@ -180,7 +180,7 @@ def evaluate_coco(model: Any, image_root: str | Path, split: str = "val", out_di
                            processor=processor_for(model, "coco"), max_new_tokens=COCO_NEW_TOKENS)
     preds = [{"image_id": s.meta["image_id"], "caption": read_caption(t)} for s, t in zip(samples, texts)]
     gt = Path(gt_file) if gt_file else coco_task.gt_file(image_root, split, ann_root)
-    scores = score.score_coco(gt, preds) if gt.exists() else None
+    scores = score.score_coco(gt, preds, metrics or score.COCO_KEYS) if gt.exists() else None
     if scores is None:
         warnings.warn(f"{gt}: no ground truth, captions written but not scored (pass --gt)", stacklevel=2)
     _write(out_dir, preds=preds, **({"scores": scores} if scores else {}))

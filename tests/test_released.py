@@ -32,6 +32,8 @@ from ademvl.released_protocol import (
 )
 
 from .conftest import perturb, samples, tiny_model
+from .test_coco import karpathy  # noqa: F401  (fixture)
+from .test_instruct_mme import mme_root  # noqa: F401  (fixture)
 from .test_scienceqa import problem, write_released
 
 LLM, VISION = "random:tiny-llama", "random:tiny-clip"
@@ -300,3 +302,46 @@ def test_trainer_uses_the_betas_and_timms_decay_groups(tmp_path: Path) -> None:
     no_decay = {id(p) for g in t.optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
     timm = {id(p) for n, p in t.raw.named_parameters() if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias"))}
     assert no_decay == timm and len(timm) == 4  # proj and cls_proj: fc1.bias, fc2.bias
+
+
+def record_generate(model: AdemVLModel, monkeypatch, answers: list[str]) -> dict:
+    """model.generate returns `answers` in order and records what it was given."""
+    seen: dict = {"input_ids": [], "n": 0}
+    tok = model.tokenizer
+
+    def generate(input_ids, attention_mask=None, pixel_values=None, image_mask=None, **kw):
+        seen["input_ids"] += [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
+        seen["pixels"], seen["kwargs"] = pixel_values, kw
+        ids = [tok(a, add_special_tokens=False).input_ids for a in answers[seen["n"]: seen["n"] + len(input_ids)]]
+        seen["n"] += len(ids)
+        longest = max(map(len, ids))
+        return torch.tensor([x + [tok.eos_token_id] * (longest - len(x)) for x in ids])
+
+    monkeypatch.setattr(model, "generate", generate)
+    return seen
+
+
+def test_coco_released_reads_the_caption_after_the_prompt(karpathy: Path, monkeypatch) -> None:  # noqa: F811
+    from ademvl import released_protocol
+
+    root = karpathy
+    model = tiny_model()
+    seen = record_generate(model, monkeypatch, ["a picture of a man riding a horse", " two cats sleep on the sofa"])
+    r = released_protocol.evaluate_coco(model, root, "val", batch_size=2, metrics=("Bleu_4", "CIDEr"))
+    assert r["preds"] == [{"image_id": 42, "caption": "a man riding a horse"},
+                          {"image_id": 7, "caption": "two cats sleep on the sofa"}]
+    proc = processor_for(model, "coco")
+    assert seen["input_ids"][0] == [model.tokenizer.bos_token_id] + proc._tok("Image: ") + [IMAGE_TOKEN_ID] + proc._tok("a picture of")
+    assert seen["kwargs"]["max_new_tokens"] == 20 and r["scores"]["Bleu_4"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_mme_released_writes_answers_without_newlines(mme_root: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
+    from ademvl import released_protocol
+
+    root = mme_root
+    model = tiny_model()
+    seen = record_generate(model, monkeypatch, ["Yes", "No", "No", "No", "No", "Yes\nIt is"])
+    r = released_protocol.evaluate_mme(model, root, tmp_path / "out", batch_size=4)
+    assert (tmp_path / "out" / "artwork.txt").read_text().splitlines()[1] == \
+        "10.jpg\tIs this by Manet? Please answer yes or no.\tYes\tYesIt is"
+    assert seen["kwargs"]["max_new_tokens"] == 10 and r["scores"]["subtasks"]["artwork"]["acc"] == 100.0
