@@ -21,6 +21,7 @@ import json
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     task = tasks.get(args.task, evaluable=True)
     opts = options_of(task.EvalOptions, args)
+    if opts.protocol == "ademvl" and (Path(args.checkpoint) / "released.json").exists():
+        warnings.warn(f"{args.checkpoint} was imported from the authors' release; it was trained on their token "
+                      "layout: evaluate it with --protocol released (docs/released.md)", stacklevel=2)
     r = evaluate(_load_model(args, args.device), args.task, opts, args.out, args.batch_size)
     if r.scores is not None:
         title = getattr(opts, "split", "") + (" blank" if getattr(opts, "blank_images", False) else "")
@@ -128,6 +132,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.temperature > 0:
         kwargs.update(temperature=args.temperature, top_p=args.top_p)
     print(model.answer([image], [args.prompt], max_new_tokens=args.max_new_tokens, **kwargs)[0])
+    return 0
+
+
+def cmd_import_released(args: argparse.Namespace) -> int:
+    from .released import describe_import, import_released
+
+    print(describe_import(import_released(args.checkpoint, args.llm, args.vision, args.out)))
+    return 0
+
+
+def cmd_export_released(args: argparse.Namespace) -> int:
+    from .released import export_released
+
+    out = export_released(args.checkpoint, args.out)
+    print(f"wrote {out} (released layout: 'model' with their names, 'args'; loadable by their eval_*.py)")
     return 0
 
 
@@ -241,6 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shuffle-choices", action="store_true",
                    help="shuffle each problem's option list (harder: the small LLM must read the options)")
     s.set_defaults(func=cmd_synth_shapes)
+
+    p = sub.add_parser("import-released", help="turn the authors' released .pth into an ademvl checkpoint",
+                       description="Reads checkpoint_7B_{sqa,caption,instruction}.pth (Hao840/ADEM-VL) safely, maps "
+                                   "its tensors onto ours (docs/released.md), checks them against the base models "
+                                   "and writes adapter.safetensors + ademvl_config.json.")
+    p.add_argument("checkpoint", help="the released .pth file")
+    p.add_argument("--llm", required=True, help="the LLaMA it was trained on, HF format (e.g. huggyllama/llama-7b)")
+    p.add_argument("--vision", required=True, help="the CLIP tower (e.g. openai/clip-vit-large-patch14)")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.set_defaults(func=cmd_import_released)
+
+    p = sub.add_parser("export-released", help="write an ademvl checkpoint in the authors' .pth layout")
+    p.add_argument("--checkpoint", required=True, help="directory written by save_pretrained / ademvl train / import-released")
+    p.add_argument("--out", required=True, help="the .pth file to write")
+    p.set_defaults(func=cmd_export_released)
 
     from .bench import add_parser as add_bench
 

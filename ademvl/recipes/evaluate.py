@@ -22,12 +22,15 @@ from tqdm import tqdm
 from .. import tasks
 from ..data import Sample
 from ..files import atomic_write_bytes, write_json
+from ..released_protocol import PROTOCOLS
 
 
 @torch.no_grad()
 def generate_texts(model: Any, samples: list[Sample], batch_size: int = 16, desc: str = "generate",
-                   **generate_kwargs: Any) -> list[str]:
-    """The model's answer to the last turn of each sample (special tokens dropped)."""
+                   processor: Any = None, **generate_kwargs: Any) -> list[str]:
+    """The model's answer to the last turn of each sample (special tokens dropped).
+
+    processor: another input layout than the model's own (e.g. the released one)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
     was_training = model.training
@@ -38,7 +41,7 @@ def generate_texts(model: Any, samples: list[Sample], batch_size: int = 16, desc
     with tqdm(total=len(samples), desc=desc, unit="sample", mininterval=1.0) as bar:
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
-            batch = model.processor(chunk, train=False)
+            batch = (processor or model.processor)(chunk, train=False)
             batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             out = model.generate(**batch, **generate_kwargs)
             n = generate_kwargs.get("num_return_sequences", 1)
@@ -63,13 +66,20 @@ def evaluate(model: Any, task: str, opts: Any, out_dir: str | Path | None = None
     """Run `task` (a name in ademvl.tasks.EVAL_TASKS) with its EvalOptions; write OUT/ if given."""
     t = tasks.get(task, evaluable=True)
     samples = t.eval_samples(opts)
+    processor, protocol = None, getattr(opts, "protocol", "ademvl")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    if protocol == "released":  # the authors' layout and eval script
+        from ..released_protocol import processor_for
+
+        processor = processor_for(model, task)
     texts = generate_texts(model, samples, batch_size, desc=f"{task} {getattr(opts, 'split', '')}".strip(),
-                           **t.generation(opts))
+                           processor=processor, **t.generation(opts))
     outputs = t.predict(samples, texts, opts)
     scores = t.score_outputs(outputs, opts)
     if out_dir is not None:
         write_outputs(out_dir, outputs, scores)
-    return Evaluation(task, outputs, scores, t.summary(outputs, samples), samples)
+    return Evaluation(task, outputs, scores, t.summary(outputs, samples, opts), samples)
 
 
 def write_outputs(out_dir: str | Path, outputs: dict[str, Any], scores: Any = None) -> None:

@@ -190,7 +190,8 @@ class Trainer:
             model.gradient_checkpointing_enable()
         self.raw = model
         self.processor = model.processor
-        optimizer = torch.optim.AdamW(self.param_groups(model), lr=self.lr, weight_decay=self.tc.weight_decay)
+        optimizer = torch.optim.AdamW(self.param_groups(model), lr=self.lr, weight_decay=self.tc.weight_decay,
+                                      betas=self.tc.betas)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # Not handed to accelerate.prepare: its wrapper steps the schedule once per process.

@@ -5,13 +5,14 @@ samples, taking the keys of a run config's `data:` section besides `task:`.
 
 A task that can be evaluated (`ademvl eval NAME`, `ademvl score NAME`) also exposes:
 
-    EvalOptions                      dataclass: what evaluation reads (data_root, split, limit, ...)
+    EvalOptions                      dataclass: what evaluation reads (data_root, split, limit,
+                                     protocol: ademvl | released, ...)
     eval_samples(opts)               -> list[Sample], the prompts to answer
     generation(opts)                 -> generate() keyword arguments (max_new_tokens, num_beams)
     predict(samples, texts, opts)    -> {file name: JSON-able object or text}: the answers read
                                         into the files the task's standard scorer takes
     score_outputs(outputs, opts)     -> scores of those outputs (None when no ground truth)
-    summary(outputs, samples)        -> one line for the console
+    summary(outputs, samples, opts)  -> one line for the console
     ScoreOptions                     dataclass: the files `ademvl score NAME` reads
     score_files(opts)                -> scores of predictions made elsewhere
     format_scores(scores, name)      -> the paper's table row(s)

@@ -119,13 +119,22 @@ class EvalOptions:
     max_new_tokens: int = option(20, "caption length limit (the released eval: 20)")
     limit: int | None = option(None, "only the first N images (quick checks; not comparable)")
     metrics: list[str] | None = option(None, "only these metrics (default: BLEU-1..4, METEOR, ROUGE-L, CIDEr)")
+    protocol: str = option("ademvl", "ademvl (ours) | released: the authors' input layout and eval script, for "
+                                     "imported checkpoints (docs/released.md)")
 
 
 def eval_samples(o: EvalOptions) -> list[Sample]:
+    """One sample per image; the prompt is "a picture of" in both protocols."""
+    if o.protocol == "released" and o.split != "val":
+        warnings.warn(f"the released eval_caption.py scores the Karpathy val split; this is {o.split}", stacklevel=2)
     return load_samples(o.data_root, o.split, ann_file=o.ann_file, ann_root=o.ann_root, limit=o.limit)
 
 
 def generation(o: EvalOptions) -> dict[str, Any]:
+    if o.protocol == "released":
+        from ..released_protocol import COCO_NEW_TOKENS
+
+        return {"max_new_tokens": COCO_NEW_TOKENS}  # greedy
     return {"num_beams": o.num_beams, "max_new_tokens": o.max_new_tokens}
 
 
@@ -138,7 +147,10 @@ def clean_caption(text: str) -> str:
 
 def predict(samples: list[Sample], texts: list[str], o: EvalOptions) -> dict[str, Any]:
     """preds.json in the COCO results format [{image_id, caption}]."""
-    return {"preds.json": [{"image_id": s.meta["image_id"], "caption": clean_caption(t)} for s, t in zip(samples, texts)]}
+    from ..released_protocol import read_caption
+
+    read = read_caption if o.protocol == "released" else clean_caption
+    return {"preds.json": [{"image_id": s.meta["image_id"], "caption": read(t)} for s, t in zip(samples, texts)]}
 
 
 def score_outputs(outputs: dict[str, Any], o: EvalOptions) -> dict[str, float] | None:
@@ -149,7 +161,7 @@ def score_outputs(outputs: dict[str, Any], o: EvalOptions) -> dict[str, float] |
     return score_coco(gt, outputs["preds.json"], tuple(o.metrics or KEYS))
 
 
-def summary(outputs: dict[str, Any], samples: list[Sample]) -> str:
+def summary(outputs: dict[str, Any], samples: list[Sample], o: EvalOptions) -> str:
     return f"{len(outputs['preds.json'])} captions"
 
 

@@ -76,13 +76,24 @@ class EvalOptions:
     subtasks: list[str] | None = option(None, "only these subtasks")
     max_new_tokens: int = option(10, "answer length limit (the released eval: 10)")
     limit: int | None = option(None, "only the first N images per subtask (quick checks; not comparable)")
+    protocol: str = option("ademvl", "ademvl (ours) | released: the authors' input layout and eval script, for "
+                                     "imported checkpoints (docs/released.md)")
 
 
 def eval_samples(o: EvalOptions) -> list[Sample]:
-    return load_samples(o.data_root, subtasks=o.subtasks, limit=o.limit)
+    samples = load_samples(o.data_root, subtasks=o.subtasks, limit=o.limit)
+    if o.protocol == "released":
+        from ..released_protocol import mme_prompt
+
+        return [Sample(s.id, s.image, [(mme_prompt(s.meta["question"]), "")], s.meta) for s in samples]
+    return samples
 
 
 def generation(o: EvalOptions) -> dict[str, Any]:
+    if o.protocol == "released":
+        from ..released_protocol import MME_NEW_TOKENS
+
+        return {"max_new_tokens": MME_NEW_TOKENS}
     return {"max_new_tokens": o.max_new_tokens}
 
 
@@ -90,7 +101,8 @@ def predict(samples: list[Sample], texts: list[str], o: EvalOptions) -> dict[str
     """{subtask}.txt: image \\t question \\t ground truth \\t prediction, the layout MME's eval_tool reads."""
     lines: dict[str, list[str]] = {}
     for s, text in zip(samples, texts):
-        answer = " ".join(text.replace("\t", " ").split())  # one line, no tabs: the eval_tool splits on them
+        # one line, no tabs: the eval_tool splits on them (eval_mme.py only removes the newlines)
+        answer = text.replace("\n", "").replace("\t", " ") if o.protocol == "released" else " ".join(text.replace("\t", " ").split())
         m = s.meta
         lines.setdefault(m["subtask"], []).append("\t".join([m["image_name"], m["question"], m["gt"], answer]))
     return {f"{task}.txt": "\n".join(task_lines) + "\n" for task, task_lines in lines.items()}
@@ -102,7 +114,7 @@ def score_outputs(outputs: dict[str, Any], o: EvalOptions) -> dict[str, Any]:
         return score_results({name[: -len(".txt")]: text for name, text in outputs.items()})
 
 
-def summary(outputs: dict[str, Any], samples: list[Sample]) -> str:
+def summary(outputs: dict[str, Any], samples: list[Sample], o: EvalOptions) -> str:
     return f"{len(samples)} questions in {len(outputs)} subtasks"
 
 

@@ -281,10 +281,13 @@ class EvalOptions:
     skip_invalid: bool = option(False, "score problems that break a rule (choices, answer, image) as wrong instead of stopping")
     limit: int | None = option(None, "only the first N problems (quick checks; not comparable)")
     max_new_tokens: int | None = option(None, "default: enough to reach the letter (8, or 512 after a lecture)")
+    protocol: str = option("ademvl", "ademvl (ours) | released: the authors' input layout and eval script, for "
+                                     "imported checkpoints (docs/released.md)")
 
 
 def _problems(o: EvalOptions) -> dict[str, dict[str, Any]]:
-    problems = read_problems(o.data_root, o.split, o.use_caption, o.caption_file)
+    use_caption = o.use_caption or o.protocol == "released"  # eval_sqa.py reads the captions
+    problems = read_problems(o.data_root, o.split, use_caption, o.caption_file)
     return dict(list(problems.items())[: o.limit]) if o.limit is not None else problems
 
 
@@ -292,12 +295,21 @@ def eval_samples(o: EvalOptions) -> list[Sample]:
     """Every usable problem of the split; those that break a rule stay out (and score as wrong)."""
     split_format(o.prompt_format)
     usable = valid_problems(_problems(o), o.skip_invalid)
+    if o.protocol == "released":
+        from ..released_protocol import scienceqa_prompt
+
+        return [Sample(pid, None if o.blank_images else p.get("image_path"), [(scienceqa_prompt(p), "")],
+                       {"choices": p["choices"]}) for pid, p in usable.items()]
     return [to_sample(pid, p, o.prompt_format, o.use_caption, blank_image=o.blank_images) for pid, p in usable.items()]
 
 
 def generation(o: EvalOptions) -> dict[str, Any]:
     """Enough tokens to reach the letter: "The answer is X." comes first for A, AL, AE, ... (8
     tokens); after a lecture/solution for LA, EA, LEA, ELA (up to the released max length, 512)."""
+    if o.protocol == "released":
+        from ..released_protocol import SQA_NEW_TOKENS
+
+        return {"max_new_tokens": SQA_NEW_TOKENS}
     return {"max_new_tokens": o.max_new_tokens or (8 if split_format(o.prompt_format)[1].startswith("A") else 512)}
 
 
@@ -305,8 +317,11 @@ def predict(samples: list[Sample], texts: list[str], o: EvalOptions) -> dict[str
     """preds.json {pid: choice index, -1 = unreadable or skipped} and generations.json {pid: text}."""
     preds = {pid: -1 for pid in _problems(o)}  # skipped problems stay -1: wrong, never dropped
     generations = {}
+    from ..released_protocol import read_letter
+
+    read = read_letter if o.protocol == "released" else parse_answer
     for s, text in zip(samples, texts):
-        preds[s.id] = parse_answer(text, len(s.meta["choices"]))
+        preds[s.id] = read(text, len(s.meta["choices"]))
         generations[s.id] = text
     return {"preds.json": preds, "generations.json": generations}
 
@@ -316,9 +331,11 @@ def score_outputs(outputs: dict[str, Any], o: EvalOptions) -> dict[str, Any]:
     return score_scienceqa(problems, outputs["preds.json"], list(problems))
 
 
-def summary(outputs: dict[str, Any], samples: list[Sample]) -> str:
+def summary(outputs: dict[str, Any], samples: list[Sample], o: EvalOptions) -> str:
     unreadable = sum(1 for s in samples if outputs["preds.json"][s.id] == -1)
-    return f"{len(outputs['preds.json'])} problems, {unreadable} answers unreadable (counted wrong)"
+    note = ("; released protocol (eval_sqa.py: QCM-A with captions, 'The answer is' + 1 greedy token)"
+            if o.protocol == "released" else "")
+    return f"{len(outputs['preds.json'])} problems, {unreadable} answers unreadable (counted wrong){note}"
 
 
 @dataclass
