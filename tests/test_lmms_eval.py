@@ -41,6 +41,8 @@ from ademvl.tasks.instruct import prompt_of  # noqa: E402  the backend's default
 from ademvl.tasks.shapes import COLORS, SHAPES, make_problems, render  # noqa: E402
 from ademvl.train import load_config, train  # noqa: E402
 
+from .conftest import perturb, tiny_model  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 TASK_YAMLS = Path(__file__).resolve().parent / "lmms_eval_tasks"
@@ -240,6 +242,34 @@ def request(backend: AdemVL, doc: dict, doc_to_visual, kind: str = "generate_unt
                     metadata={"task": task, "doc_id": len(docs) - 1, "repeats": 1})
 
 
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory) -> AdemVL:
+    """A backend whose answers depend on the image: tiny random weights everywhere (conftest's
+    perturb), so a request answered with another request's image or prompt shows."""
+    model = tiny_model()
+    perturb(model)
+    path = model.save_pretrained(tmp_path_factory.mktemp("varied") / "checkpoint")
+    return AdemVL(checkpoint=str(path), batch_size=3)
+
+
+def test_batched_answers_are_each_requests_own(varied) -> None:
+    """Grouped, sorted and batched, every answer is the one its request gets alone."""
+    scenes = [[{"shape": s, "color": c, "box": [x, 40, x + 60, 100]}]
+              for s, c, x in [("circle", "red", 10), ("square", "blue", 150), ("triangle", "green", 80),
+                              ("circle", "yellow", 120), ("square", "purple", 30)]]
+    texts = ["What is in the image?", "Which shape is it?", "Describe the image in a few words, please.",
+             "Colour?", "Is the shape on the left or on the right of the picture?"]
+    images = [render(scene) for scene in scenes]
+    settings = {"max_new_tokens": 12, "until": ["\n\n"]}
+    reqs = [request(varied, {"i": im}, lambda d: [d["i"]], context=t, gen_kwargs=settings) for im, t in zip(images, texts)]
+    reqs.append(request(varied, {}, lambda d: [], context="The kite is red. What color is the kite?", gen_kwargs=settings))
+    answers = varied.generate_until(reqs)
+    alone = [varied.model.answer([im], [prompt_of(t)], max_new_tokens=12, do_sample=False, num_beams=1)[0]
+             for im, t in zip(images + [None], texts + ["The kite is red. What color is the kite?"])]
+    assert answers == [a.split("\n\n")[0] for a in alone]
+    assert len(set(answers)) > 1  # the answers differ from request to request: a mix-up would show
+
+
 def test_model_args_beat_the_cli_flags(backend) -> None:
     assert backend.batch_size == 2  # model_args batch_size=2 over lmms-eval's --batch_size default
     with pytest.raises(ValueError, match="unknown key.*pretrained.*valid: checkpoint"):
@@ -263,13 +293,14 @@ def test_requests_without_an_image_take_the_no_image_path(backend) -> None:
     assert backend.generate_until([req]) == [expected[0].split("\n\n")[0]]
 
 
-def test_any_image_mode_reads_as_rgb(backend) -> None:
+def test_any_image_mode_reads_as_rgb(varied) -> None:
     """A palette or RGBA image answers as its RGB conversion does (ademvl.images rules)."""
     rgb = render([{"shape": "square", "color": "blue", "box": [100, 20, 170, 90]}])
     rgba = rgb.convert("RGBA")
     palette = rgb.convert("P", palette=PILImage.Palette.ADAPTIVE)  # exact: the image has a few colours
-    answers = backend.generate_until([request(backend, {"i": im}, lambda d: [d["i"]]) for im in (rgb, rgba, palette)])
-    assert answers[0] == answers[1] == answers[2]
+    grey = rgb.convert("L")
+    answers = varied.generate_until([request(varied, {"i": im}, lambda d: [d["i"]]) for im in (rgb, rgba, palette, grey)])
+    assert answers[0] == answers[1] == answers[2] != answers[3]  # grey is another image, and reads as one
 
 
 def test_generation_settings_from_tasks(backend) -> None:
