@@ -89,16 +89,21 @@ class AdemVL(lmms):
 
         # Data parallel as lmms-eval's other backends do it: every process holds the whole model and
         # the evaluator hands each rank its share of the requests (rank::world_size).
-        self.accelerator = Accelerator()
+        # cpu=True where the model runs on the CPU: without it Accelerate sees no distributed run
+        # there (torchrun's processes would each take every request).
+        on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=on_cpu)
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-        if device == "auto":
-            device = f"cuda:{self.accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
+        if on_cpu:
+            device = "cpu"
+        elif device in ("auto", "cuda"):
+            device = f"cuda:{self.accelerator.local_process_index}"  # one GPU per process
         self.device = torch.device(device)
         self.model = AdemVLModel.from_pretrained(checkpoint, llm=llm, vision=vision, dtype=DTYPES[dtype]).to(self.device)
         self.model.eval()
         self._ignored: set[str] = set()
         self._stops: dict[tuple[str, ...], StoppingCriteriaList] = {}
-        self._visual_counts: dict[tuple[str, str, Any], int] = {}
+        self._checked: set[tuple[str, str, Any]] = set()
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "AdemVL":
@@ -111,23 +116,27 @@ class AdemVL(lmms):
         return cls(**{**flags, **args})
 
     # ---- what a request carries -------------------------------------------------------------
-    def _image(self, request: Instance) -> Image.Image | None:
-        """The one image of a request (None for a text-only one); refuses several or non-images."""
+    def _visuals(self, request: Instance) -> list[Any]:
+        """The request's visuals as its task makes them (doc_to_visual on the doc), checked."""
+        if len(request.args) < 6:  # the unconditional (context-free) requests of acc_mutual_info
+            return []
         _, _, doc_to_visual, doc_id, task, split = request.args
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
-        visuals = [v for v in (visuals or []) if v is not None]
+        visuals = [v for v in (doc_to_visual(self.task_dict[task][split][doc_id]) or []) if v is not None]
         check_visuals(visuals, task, doc_id)
+        return visuals
+
+    def _image(self, request: Instance) -> Image.Image | None:
+        """The one image of a request, None for a text-only one (the "Image: N/A" path)."""
+        visuals = self._visuals(request)
         return visuals[0] if visuals else None
 
     def _check_all(self, requests: list[Instance]) -> None:
         """Refuse a task with multi-image or non-image requests before the model runs on any."""
         for r in requests:
-            _, _, doc_to_visual, doc_id, task, split = r.args
-            key = (task, split, doc_id)
-            if key not in self._visual_counts:
-                visuals = [v for v in (doc_to_visual(self.task_dict[task][split][doc_id]) or []) if v is not None]
-                check_visuals(visuals, task, doc_id)
-                self._visual_counts[key] = len(visuals)
+            key = tuple(r.args[-3:]) if len(r.args) == 6 else ()  # (doc_id, task, split)
+            if key and key not in self._checked:
+                self._visuals(r)
+                self._checked.add(key)
 
     # ---- generation -------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:

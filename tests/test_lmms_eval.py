@@ -26,7 +26,7 @@ from transformers import StopStringCriteria
 
 lmms_eval = pytest.importorskip("lmms_eval", reason="the `eval` extra (lmms-eval) is not installed; `make test` installs it")
 
-from lmms_eval.api.instance import Instance  # noqa: E402
+from lmms_eval.api.instance import Instance, unwrap_generation_output  # noqa: E402
 from lmms_eval.tasks.mme.utils import mme_doc_to_text  # noqa: E402
 from lmms_eval.tasks.seedbench.utils import seed_doc_to_text_mc, seed_doc_to_visual  # noqa: E402
 from lmms_eval.utils import load_yaml_config  # noqa: E402
@@ -151,16 +151,19 @@ def checkpoint(data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def harness_run(data, checkpoint, tmp_path_factory) -> dict:
-    """lmms-eval's CLI, unchanged, on both tasks: its results and its per-sample log."""
+    """lmms-eval's CLI, unchanged, on both tasks, data parallel over two processes (each rank
+    answers half the requests; lmms-eval gathers them): its results and its per-sample log."""
     out = tmp_path_factory.mktemp("lmms_eval_out")
-    env = {**os.environ, **OFFLINE, "HF_HOME": str(out / "hf"), "OMP_NUM_THREADS": "2"}
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "ademvl",
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(out / "hf"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lmms_eval", "--model", "ademvl",
            "--model_args", f"checkpoint={checkpoint},batch_size=8,device=cpu",
            "--tasks", "mme_synthetic,seedbench_ppl_synthetic", "--include_path", str(data["dir"]),
            "--output_path", str(out / "results"), "--log_samples"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     found = list((out / "results").rglob("*_results.json"))
     assert proc.returncode == 0 and found, proc.stdout[-3000:] + proc.stderr[-3000:]  # its errors exit 0
+    assert "Running on rank 1 (local rank 1)" in proc.stdout + proc.stderr  # two ranks shared the work
     results = json.loads(found[0].read_text())
     samples = {t: [json.loads(line) for line in next((out / "results").rglob(f"*_samples_{t}.jsonl")).read_text().splitlines()]
                for t in ("mme_synthetic", "seedbench_ppl_synthetic")}
@@ -208,16 +211,19 @@ def test_likelihood_task_scores_each_option_by_its_loss(data, harness_run, model
     for s in logged:
         doc = data["seed"][s["doc_id"]]
         image = render_back(doc["image"][0]["bytes"])
-        losses = []
-        for letter in "abcd":
-            batch = model.processor([Sample("x", image, [(prompt_of(seed_doc_to_text_mc(doc)), " " + doc[f"choice_{letter}"])])])
-            batch["labels"][0, (batch["labels"][0] != -100).nonzero().max()] = -100  # the EOS is not scored
-            with torch.no_grad():
-                losses.append(model(**batch).loss.item())
+        losses = [own_loss(model, image, prompt_of(seed_doc_to_text_mc(doc)), " " + doc[f"choice_{k}"]) for k in "abcd"]
         harness = [float(loss) for loss, _ in s["filtered_resps"]]  # the log writes them as text
         assert harness == pytest.approx(losses, abs=1e-4)
         right += "ABCD"[losses.index(min(losses))] == doc["answer"]
     assert harness_run["results"]["seedbench_ppl_synthetic"]["acc,none"] == pytest.approx(right / len(logged), abs=1e-12)
+
+
+def own_loss(model: AdemVLModel, image, prompt: str, continuation: str) -> float:
+    """Mean loss per continuation token, computed alone: transformers' loss on one unpadded sample."""
+    batch = model.processor([Sample("x", image, [(prompt, continuation)])])
+    batch["labels"][0, (batch["labels"][0] != -100).nonzero().max()] = -100  # the EOS is not scored
+    with torch.no_grad():
+        return model(**batch).loss.item()
 
 
 def render_back(image_bytes: bytes) -> PILImage.Image:
@@ -291,6 +297,13 @@ def test_requests_without_an_image_take_the_no_image_path(backend) -> None:
     expected = backend.model.answer([None], [prompt_of("The kite is red. What color is the kite?")], max_new_tokens=5,
                                     do_sample=False, num_beams=1)
     assert backend.generate_until([req]) == [expected[0].split("\n\n")[0]]
+
+
+def test_context_free_requests_score_the_continuation_alone(varied) -> None:
+    """acc_mutual_info's unconditional requests carry (context, continuation) only: no image."""
+    req = Instance("loglikelihood", ("", " red"), idx=0, metadata={"task": "toy", "doc_id": 0, "repeats": 1})
+    (loss, greedy), _ = unwrap_generation_output(varied.loglikelihood([req])[0])
+    assert loss == pytest.approx(own_loss(varied.model, None, prompt_of(""), " red"), abs=1e-5) and greedy is False
 
 
 def test_any_image_mode_reads_as_rgb(varied) -> None:
