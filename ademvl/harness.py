@@ -6,13 +6,14 @@ lmms-eval (0.7.x) finds models of other packages through the entry-point group
 
     python -m lmms_eval --model ademvl --model_args checkpoint=runs/demo/checkpoint --tasks mme
     accelerate launch --num_processes 8 -m lmms_eval --model ademvl --model_args checkpoint=DIR --tasks mme
+    python -m torch.distributed.run --nproc_per_node 2 -m lmms_eval --model ademvl ...   # on CPUs
 
 model_args (key=value, comma separated):
 
     checkpoint  directory written by save_pretrained / `ademvl train` (required)
     llm, vision another place for the base models the checkpoint names (as `ademvl eval --llm`)
-    batch_size  requests per forward pass (default 16; lmms-eval's --batch_size is used when
-                model_args has none)
+    batch_size  requests per forward pass; model_args' value wins over lmms-eval's --batch_size
+                (whose default, 1, is what the CLI passes otherwise)
     device      auto (cuda when there is one, one GPU per process), cpu, cuda, cuda:N
     dtype       float32 (default: what `ademvl eval` uses, so numbers compare), bfloat16, float16
     template    instruct (default): the task's text goes in as "Instruction: {text}\\nResponse:",
