@@ -18,6 +18,7 @@ COMMANDS = [
     "ademvl.tasks.shapes",  # data synth-shapes
     "ademvl.bench",  # bench
     "ademvl.demo",  # demo
+    "ademvl.web",  # serve
 ]
 
 
