@@ -227,8 +227,6 @@ def build_app(model: AdemVLModel, example_rows: list[list[str]] | None = None) -
                     top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p (sample)")
                     seed = gr.Number(0, precision=0, label="seed (sample)")
                 button = gr.Button("Ask", variant="primary", elem_id="ask")
-                if example_rows:
-                    gr.Examples(example_rows, inputs=[image, question], label="Test images of the checkpoint's data")
             with gr.Column(scale=1):
                 answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="answer")
                 status = gr.Markdown(elem_id="status")
@@ -241,8 +239,11 @@ def build_app(model: AdemVLModel, example_rows: list[list[str]] | None = None) -
             layer = gr.Dropdown(layer_choices, value=n_layers // 2, label="layer", elem_id="layer")
             token = gr.Dropdown([("all answer tokens", ALL_TOKENS)], value=ALL_TOKENS, label="answer token",
                                 elem_id="token")
-        picture = gr.Image(label="adaptive fusion", type="pil", interactive=False, elem_id="looked")
+        picture = gr.Image(label="adaptive fusion", type="pil", format="png", interactive=False, elem_id="looked")
         state = gr.State(None)
+        if example_rows:
+            gr.Examples(example_rows, inputs=[image, question], examples_per_page=len(example_rows),
+                        label="Examples: test problems of the checkpoint's data (pick one, then Ask)")
 
         image.upload(on_upload, image, [image, status], preprocess=False)
         inputs = [image, question, max_new_tokens, decoding, temperature, top_p, seed]
