@@ -105,23 +105,35 @@ def generation_kwargs(max_new_tokens: int, decoding: str, temperature: float, to
     return kwargs
 
 
-def stream_answer(model: AdemVLModel, image: Any, question: str, **generate_kwargs: Any) -> Iterator[tuple[str, list[int] | None]]:
+def stream_answer(model: AdemVLModel, image: Any, question: str, lock: threading.Lock | None = None,
+                  seed: int = 0, **generate_kwargs: Any) -> Iterator[tuple[str, list[int] | None]]:
     """Yield (text so far, None) while generating, then (final text, generated ids).
 
-    transformers' TextIteratorStreamer through the model's own generate (run in a thread). The
-    final text is decoded as `model.answer` decodes it, so the page shows what the API returns.
+    transformers' TextIteratorStreamer through the model's own generate, run in a thread that holds
+    `lock` (the model keeps per-call state: one generate at a time). Closing the iterator (a
+    browser gone) stops the generation at the next token. The final text is decoded as
+    `model.answer` decodes it, so the page shows what the API returns.
     """
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     batch = model.processor([Sample("ask", image, [(question, "")])], train=False)
     dev = model.pos_k.device
     batch = {k: v.to(dev) for k, v in batch.items() if k != "labels"}
     streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    gone = threading.Event()
+
+    class Gone(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), gone.is_set(), dtype=torch.bool, device=input_ids.device)
+
     result: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            result["ids"] = model.generate(**batch, streamer=streamer, **generate_kwargs)[0]
+            with lock or threading.Lock():
+                torch.manual_seed(seed)
+                result["ids"] = model.generate(**batch, streamer=streamer, stopping_criteria=StoppingCriteriaList([Gone()]),
+                                               **generate_kwargs)[0]
         except Exception as e:  # surfaced in the page's thread below
             result["error"] = e
             streamer.end()
@@ -129,9 +141,12 @@ def stream_answer(model: AdemVLModel, image: Any, question: str, **generate_kwar
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     text = ""
-    for piece in streamer:
-        text += piece
-        yield text.strip(), None
+    try:
+        for piece in streamer:
+            text += piece
+            yield text.strip(), None
+    finally:
+        gone.set()  # a no-op once generation has ended; stops it if the consumer left early
     thread.join()
     if "error" in result:
         raise result["error"]
@@ -166,6 +181,7 @@ def build_app(model: AdemVLModel, example_rows: list[list[str]] | None = None) -
 
     n_layers = len(decoder_layers(model.llm))
     layer_choices = list(range(n_layers))
+    lock = threading.Lock()  # the queue runs one ask at a time; this also covers a generation left running
 
     def on_upload(payload: dict[str, Any] | None):
         try:
@@ -183,21 +199,24 @@ def build_app(model: AdemVLModel, example_rows: list[list[str]] | None = None) -
             yield "", f"**Error:** {e}", gr.update(value=None, visible=False), None, gr.update(), gr.update(), None
             return
         yield "", "Generating...", gr.update(value=None, visible=False), None, gr.update(), gr.update(), None
-        torch.manual_seed(int(seed or 0))
         t0 = time.time()
-        ids: list[int] = []
-        for text, ids in stream_answer(model, image, question,
-                                       **generation_kwargs(max_new_tokens, decoding, temperature, top_p)):
-            yield (text, *(gr.skip(),) * 6)  # only the answer changes while it streams
-        seconds = time.time() - t0
-        found = option_probabilities(model, image, question)
+        try:
+            for text, ids in stream_answer(model, image, question, lock, int(seed or 0),
+                                           **generation_kwargs(max_new_tokens, decoding, temperature, top_p)):
+                yield (text, *(gr.skip(),) * 6)  # only the answer changes while it streams
+            seconds = time.time() - t0
+            with lock:
+                found = option_probabilities(model, image, question)
+                looked = where_it_looked(model, image, question, ids) if image is not None else None
+        except Exception as e:  # the model failed on this input: say so on the page, keep serving
+            yield gr.skip(), f"**Error:** {type(e).__name__}: {e}", *(gr.skip(),) * 5
+            return
         probs = gr.update(value=found or None, visible=bool(found))
         status = f"Answered in {seconds:.1f} s ({len(ids)} tokens)."
-        if image is None:
+        if looked is None:
             status += " Text-only question (\"Image: N/A\"): the fusion read the position tables only, no image to show."
             yield text, status, probs, None, gr.update(), gr.update(), None
             return
-        looked = where_it_looked(model, image, question, ids)
         layer = n_layers // 2
         tokens = [("all answer tokens", ALL_TOKENS)] + [(f"{j}: {t!r}", j) for j, t in enumerate(looked.tokens)]
         yield (text, status, probs, render(image, looked, layer), gr.update(value=layer),
