@@ -124,6 +124,13 @@ def test_uploads_follow_the_image_rules_and_name_the_users_file(tmp_path: Path) 
     assert read_upload(None) is None  # no image: the "Image: N/A" path
 
 
+def test_serve_names_a_missing_checkpoint_before_loading_anything(tmp_path: Path, capsys) -> None:
+    from ademvl.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert f"{tmp_path / 'nope'}: no checkpoint directory here" in capsys.readouterr().err
+
+
 # ---- the page in a real browser ---------------------------------------------------------------
 def need(what: str, ok: bool, fix: str) -> None:
     """Skip when a browser-test dependency is absent, except in CI, where that is a failure."""
