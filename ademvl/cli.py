@@ -8,6 +8,8 @@
     params     model.build_meta       trainable parameters at any shape, no weights
     data       tasks/shapes.py        the demo's synthetic ScienceQA
     bench      bench/                 efficiency against the peers (Table V)
+    serve      web.py                 the Gradio page: ask about an image, see where the fusion looked
+    import-released / export-released   released.py   the authors' checkpoints in and out
 
 Bad input (a ValueError or FileNotFoundError raised with the file and the fix) is printed in one
 line without a traceback; anything else is a bug and shows its traceback.
@@ -150,6 +152,12 @@ def cmd_export_released(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .web import serve
+
+    return serve(args.checkpoint, args.host, args.port, args.llm, args.vision, args.examples)
+
+
 def param_report(llm: str, vision: str, scales: list[int] | None = None) -> list[str]:
     """Lines of `ademvl params`: groups, the released code's count, and `trainable: N` last."""
     from .config import AdemVLConfig
@@ -275,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="directory written by save_pretrained / ademvl train / import-released")
     p.add_argument("--out", required=True, help="the .pth file to write")
     p.set_defaults(func=cmd_export_released)
+
+    p = sub.add_parser("serve", help="a web page to ask a checkpoint about an image and see where it looked")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--examples", default=None,
+                   help="ScienceQA-layout data whose test images are offered as examples "
+                        "(default: the checkpoint's sibling data/, as `ademvl demo` writes it)")
+    p.set_defaults(func=cmd_serve)
 
     from .bench import add_parser as add_bench
 

@@ -25,6 +25,7 @@ import torch
 
 from ..config import AdemVLConfig, RunConfig, TrainConfig, config_path, load_run_config
 from ..files import read_json, write_json
+from ..inspect import DROP_STYLE, drop_decisions, overlay, scale_maps
 from ..model import AdemVLModel, decoder_layers
 from ..tasks import shapes
 
@@ -85,44 +86,6 @@ def plot_loss(log: Path, path: Path) -> None:
     plt.close(fig)
 
 
-@torch.no_grad()
-def drop_decisions(model: AdemVLModel, samples: list, layers: list[int]) -> list[dict[str, Any]]:
-    """For each sample, which visual tokens the last prompt token drops at the given layers.
-
-    Runs the model on the prompt, catches h_n = ffn_norm(h) at each chosen layer's MLP and the
-    visual keys, and applies the fusion's own rule (`fusion.weakest`): the floor(gamma N) smallest
-    scores of the row are dropped. Returns per sample {layer: (N,) bool}.
-    """
-    from ..fusion import num_dropped, qk_activation, weakest
-
-    model.eval()
-    caught: dict[int, torch.Tensor] = {}
-    keys: list[torch.Tensor] = []
-    mods = decoder_layers(model.llm)
-    hooks = [mods[i].mlp.register_forward_hook(lambda m, a, o, i=i: caught.__setitem__(i, a[0][:, -1].clone()))
-             for i in layers]
-    hooks.append(mods[0].mlp.register_forward_hook(lambda m, a, o: keys.append(model.memory.keys.clone())))
-    try:
-        batch = model.processor(samples, train=False)
-        model(**{k: v.to(model.pos_k.device) for k, v in batch.items() if k != "labels"})
-    finally:
-        for h in hooks:
-            h.remove()
-    k_act = keys[0]  # (B, N, d), act(K) as the fast path stores it
-    n_drop = num_dropped(k_act.shape[1], model.config.drop_ratio)
-    out = []
-    for b in range(len(samples)):
-        per_layer = {}
-        for i in layers:
-            scores = qk_activation(caught[i][b : b + 1, None], model.config.qk_act) @ k_act[b : b + 1].transpose(1, 2)
-            idx, drop = weakest(scores, n_drop)  # (1, 1, k+1)
-            mask = torch.zeros(k_act.shape[1], dtype=torch.bool)
-            mask[idx[0, 0][drop[0, 0]]] = True
-            per_layer[i] = mask
-        out.append(per_layer)
-    return out
-
-
 def plot_drops(model: AdemVLModel, data: Path, path: Path, n_images: int = 4) -> dict[str, Any]:
     """Fig. 3 of the paper, for a few test images: dropped visual tokens at both scales."""
     import matplotlib
@@ -155,16 +118,9 @@ def plot_drops(model: AdemVLModel, data: Path, path: Path, n_images: int = 4) ->
         axes[r, 0].set_title(f"{p['qtype']}: {p['choices'][p['answer']]}", fontsize=8)
         c = 1
         for layer in layers:
-            start = 0
-            for s in scales:
-                side = int(round(s ** 0.5))
-                mask = dec[layer][start : start + s].view(side, side).float().numpy()
-                start += s
-                ax = axes[r, c]
-                ax.imshow(img)
-                ax.imshow(mask, cmap="Reds", alpha=0.55, vmin=0, vmax=1, extent=(0, img.width, img.height, 0),
-                          interpolation="nearest")
-                ax.set_title(f"layer {layer}, {side}x{side}", fontsize=8)
+            for mask in scale_maps(dec[layer], scales):
+                overlay(axes[r, c], img, mask, **DROP_STYLE)
+                axes[r, c].set_title(f"layer {layer}, {mask.shape[0]}x{mask.shape[0]}", fontsize=8)
                 c += 1
         summary.append({"pid": pid, "qtype": p["qtype"],
                         "dropped_per_scale": {str(layer): [int(dec[layer][sum(scales[:j]) : sum(scales[: j + 1])].sum())
