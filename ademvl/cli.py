@@ -103,8 +103,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .recipes.evaluate import evaluate
 
+    from .files import output_dir
+
     task = tasks.get(args.task, evaluable=True)
     opts = options_of(task.EvalOptions, args)
+    if args.out:
+        output_dir(args.out, "--out")  # before the slow part
     r = evaluate(_load_model(args, args.device), args.task, opts, args.out, args.batch_size)
     if r.scores is not None:
         title = getattr(opts, "split", "") + (" blank" if getattr(opts, "blank_images", False) else "")
@@ -166,9 +170,10 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def cmd_synth_shapes(args: argparse.Namespace) -> int:
+    from .files import output_dir
     from .tasks.shapes import write_dataset
 
-    out = write_dataset(args.out, args.n, args.seed, args.shuffle_choices)
+    out = write_dataset(output_dir(args.out, "--out"), args.out, args.n, args.seed, args.shuffle_choices)
     splits = read_json(out / "pid_splits.json", "the split lists just written")
     print(f"wrote {sum(map(len, splits.values()))} problems to {out} "
           f"(train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])})")

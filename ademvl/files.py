@@ -263,3 +263,33 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             tmp.unlink()
         raise InputError(path, f"cannot write here ({e.strerror or e})", "choose a writable path") from None
     return path
+
+
+def atomic_write_files(directory: str | Path, files: dict[str, bytes]) -> None:
+    """Files that belong together (an evaluation's outputs and their scores) into `directory`.
+
+    All are written to temporary siblings first and renamed into place only once every one is
+    written, so a failure on the way (a full disk, a path that is a file) leaves the earlier set
+    whole. Other files in `directory` are left alone.
+    """
+    out = output_dir(directory, "--out")
+    staged: list[tuple[Path, Path]] = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            path = out / name
+            if path.is_dir():
+                raise InputError(path, "is a directory; the evaluation writes a file of this name", "choose another --out")
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            staged.append((tmp, path))
+            tmp.write_bytes(data)
+    except BaseException as e:
+        for tmp, _ in staged:
+            with suppress(OSError):
+                tmp.unlink()
+        if isinstance(e, OSError):
+            raise InputError(out, f"cannot write here ({e.strerror or e}); the earlier results are kept",
+                             "choose a writable --out") from None
+        raise
+    for tmp, path in staged:
+        tmp.rename(path)

@@ -119,6 +119,8 @@ class AdemVLModel(nn.Module):
         try:
             model = cls.build(config, dtype=dtype)
         except OSError as e:  # transformers: not a local directory, not on the hub (or no network)
+            if isinstance(e, InputError):
+                raise
             raise InputError(checkpoint, f"its base models {config.llm} + {config.vision} cannot be loaded "
                                          f"({str(e).splitlines()[0]})",
                              "make them available locally, or pass --llm / --vision") from None

@@ -12,6 +12,7 @@ OUT/{subtask}.txt (image \\t question \\t ground truth \\t prediction, the eval_
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from .. import tasks
 from ..data import Sample
-from ..files import atomic_write_bytes, write_json
+from ..files import atomic_write_files
 
 
 @torch.no_grad()
@@ -74,14 +75,11 @@ def evaluate(model: Any, task: str, opts: Any, out_dir: str | Path | None = None
 
 def write_outputs(out_dir: str | Path, outputs: dict[str, Any], scores: Any = None) -> None:
     """Each output as its file (text as is, anything else as JSON), then scores.json."""
-    out = Path(out_dir)
-    for name, obj in outputs.items():
-        if isinstance(obj, str):
-            atomic_write_bytes(out / name, obj.encode())
-        else:
-            write_json(out / name, obj)
+    files = {name: obj.encode() if isinstance(obj, str) else (json.dumps(obj, indent=1) + "\n").encode()
+             for name, obj in outputs.items()}
     if scores is not None:
-        write_json(out / "scores.json", scores, indent=2)
+        files["scores.json"] = (json.dumps(scores, indent=2) + "\n").encode()
+    atomic_write_files(out_dir, files)  # all or none: a failure keeps an earlier run's set whole
 
 
 def score(task: str, opts: Any) -> Any:
