@@ -173,7 +173,7 @@ def cmd_synth_shapes(args: argparse.Namespace) -> int:
     from .files import output_dir
     from .tasks.shapes import write_dataset
 
-    out = write_dataset(output_dir(args.out, "--out"), args.out, args.n, args.seed, args.shuffle_choices)
+    out = write_dataset(output_dir(args.out, "--out"), args.n, args.seed, args.shuffle_choices)
     splits = read_json(out / "pid_splits.json", "the split lists just written")
     print(f"wrote {sum(map(len, splits.values()))} problems to {out} "
           f"(train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])})")

@@ -78,7 +78,7 @@ def read_text(path: str | Path, what: str, fix: str | None = None) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise InputError(path, f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}){_what(what)}",
-                         fix or "save the file as UTF-8") from None
+                         "save the file as UTF-8") from None
 
 
 class _NotJsonNumber(ValueError):
@@ -148,7 +148,7 @@ def read_safetensors(path: str | Path, what: str, fix: str | None = None) -> dic
     except (SafetensorError, OSError, ValueError) as e:
         size = path.stat().st_size
         raise InputError(path, f"not a readable safetensors file ({size} bytes; {str(e).splitlines()[0]}){_what(what)}",
-                         fix or CUT_SHORT) from None
+                         CUT_SHORT) from None
 
 
 def read_torch(path: str | Path, what: str, fix: str | None = None) -> Any:
@@ -161,7 +161,7 @@ def read_torch(path: str | Path, what: str, fix: str | None = None) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
-        raise InputError(path, f"cannot be loaded ({str(e).splitlines()[0]}){_what(what)}", fix or CUT_SHORT) from None
+        raise InputError(path, f"cannot be loaded ({str(e).splitlines()[0]}){_what(what)}", CUT_SHORT) from None
 
 
 def read_parquet(path: str | Path, what: str, fix: str | None = None) -> Any:
@@ -174,7 +174,7 @@ def read_parquet(path: str | Path, what: str, fix: str | None = None) -> Any:
         return pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         raise InputError(path, f"not a readable parquet file ({str(e).splitlines()[0]}){_what(what)}",
-                         fix or CUT_SHORT) from None
+                         CUT_SHORT) from None
 
 
 def read_image(path: str | Path, missing_hint: str) -> Any:

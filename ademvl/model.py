@@ -310,8 +310,8 @@ class AdemVLModel(nn.Module):
                             f"checkpoint made for: {_describe(expected_base)}",
                 f"load it onto the base it expects: --llm {expected_base.get('llm')} --vision {expected_base.get('vision')}")
         if renamed:
-            warnings.warn(f"{checkpoint}: made for {'; '.join(renamed)}; the shapes match, so it loads, but expect "
-                          "other results than on the base it was trained on", stacklevel=2)
+            warnings.warn(f"{checkpoint}: loading onto other base models of the same shape ({'; '.join(renamed)}); "
+                          "expect other results than on the base it was trained on", stacklevel=2)
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(state[k].to(v.device, v.dtype))
