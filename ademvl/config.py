@@ -271,8 +271,8 @@ def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfi
         raise InputError(path, f"unknown section(s) {', '.join(unknown)}; valid: model, data, train")
     for section in ("model", "data", "train"):
         if section in raw and raw[section] is not None and not isinstance(raw[section], DictConfig):
-            raise InputError(path, f"section {section}: is a {type(raw[section]).__name__}; expected keys under it "
-                                   f"({section}:\n  key: value)")
+            raise InputError(path, f"section {section}: is a {type(raw[section]).__name__}; expected a mapping of "
+                                   f"keys under it ({section}: {{key: value}})")
     try:
         cli = OmegaConf.from_dotlist(overrides_to_dotlist(overrides))
     except OmegaConfBaseException as e:

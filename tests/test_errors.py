@@ -684,7 +684,7 @@ def _(shared, tmp):
 
 @case("train-config-section-not-a-mapping")
 def _(shared, tmp):
-    return train_config(tmp, "train: 5\n"), [f"{tmp / 'run.yaml'}: section train: is a int; expected keys under it"]
+    return train_config(tmp, "train: 5\n"), [f"{tmp / 'run.yaml'}: section train: is a int; expected a mapping of keys under it"]
 
 
 @case("train-config-unknown-key")
@@ -744,6 +744,18 @@ def _(shared, tmp):
     (step / "trainer_state.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
     return ["train", "--config", str(TINY_YAML), "--output-dir", str(tmp / "out"), "--resume", "auto",
             "--train.num_workers", "0"], [f"{step / 'trainer_state.pt'}: cannot be loaded ("]
+
+
+@case("train-dataset-image-not-an-image")
+def _(shared, tmp):
+    """Met by a DataLoader worker: torch re-raises it in the main process, the CLI prints its message alone."""
+    root = sqa(shared, tmp)
+    for image in (root / "images" / "train").glob("*/image.png"):
+        image.write_text("<html>404</html>")
+    text = ("model: {llm: random:tiny-llama, vision: random:tiny-clip, scales: [16, 4], max_length: 64}\n"
+            f"data: {{task: scienceqa, root: '{root}', split: train}}\n"
+            "train: {batch_size: 4, max_steps: 1, num_workers: 1}\n")
+    return train_config(tmp, text), [f"{root / 'images' / 'train'}/", "/image.png: cannot read this image (not an image format PIL knows)"]
 
 
 @case("demo-config-yaml-syntax")
@@ -846,25 +858,22 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
-def test_as_a_process_the_status_is_2_and_no_traceback(shared: Path, tmp_path: Path) -> None:
-    proc = run_cli(*sqa_preds(shared, tmp_path, ["A", "B"]))
+def test_as_a_process_a_warning_and_an_error_are_one_line_each(shared: Path, tmp_path: Path) -> None:
+    """`python -m ademvl`: the override's warning names both models, the error its file; status 2."""
+    proc = run_cli(*eval_sqa(shared / "ckpt", tmp_path / "no data", "--llm", "random:tiny-qwen2"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr == (f"ademvl score: error: {tmp_path / 'preds.json'}: holds a JSON list [...]; expected predictions "
-                           "{pid: choice index} (as ademvl eval scienceqa --out writes)\n")
-
-
-def test_as_a_process_a_warning_is_one_line_naming_both_models(shared: Path) -> None:
-    proc = run_cli(*generate(shared / "ckpt", "--llm", "random:tiny-qwen2"))
-    assert proc.returncode == 0
     assert proc.stderr.splitlines() == [
-        f"ademvl generate: warning: {shared / 'ckpt'}: loading onto other base models of the same shape (llm "
+        f"ademvl eval: warning: {shared / 'ckpt'}: loading onto other base models of the same shape (llm "
         "random:tiny-llama in the checkpoint, random:tiny-qwen2 built; llm_type llama in the checkpoint, qwen2 built); "
-        "expect other results than on the base it was trained on"]
+        "expect other results than on the base it was trained on",
+        f"ademvl eval: error: {tmp_path / 'no data'}: no ScienceQA data here; expected problems.json + pid_splits.json + "
+        "images/ (released layout) or test-*.parquet (Hugging Face release)"]
 
 
-def test_as_a_process_ademvl_debug_shows_the_traceback(shared: Path, tmp_path: Path) -> None:
-    proc = run_cli(*sqa_preds(shared, tmp_path, ["A", "B"]), env={"ADEMVL_DEBUG": "1"})
-    assert proc.returncode == 2 and "Traceback (most recent call last)" in proc.stderr
+def test_ademvl_debug_in_the_environment_shows_the_traceback(shared: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("ADEMVL_DEBUG", "1")
+    assert main(sqa_preds(shared, tmp_path, ["A"])) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
 
 
 # ---- nothing is lost ---------------------------------------------------------------------------

@@ -362,7 +362,7 @@ def score_files(o: ScoreOptions) -> dict[str, Any]:
         p = problems[pid]
         if not isinstance(p, dict) or isinstance(p.get("answer"), bool) or not isinstance(p.get("answer"), int):
             raise InputError(o.problems, f"problem {pid} has no answer index; expected {{question, choices, answer: "
-                                         "index, ...}}")
+                                         "index, ...}")
     return score_scienceqa(problems, preds, pids if o.split else None)
 
 
