@@ -80,8 +80,10 @@ def _load_model(args: argparse.Namespace, device: str = "cpu") -> Any:
 
 # ---- the commands ---------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .files import output_dir
     from .recipes.demo import run_demo
 
+    output_dir(args.out, "--out")
     report = run_demo(args.out, args.config, args.n, args.seed, args.overrides, args.batch_size)
     res = report["results"]
     print(f"image questions: {res['trained']['per_type']['image_questions']:.1f}% "
@@ -101,9 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .recipes.evaluate import evaluate
-
     from .files import output_dir
+    from .recipes.evaluate import evaluate
 
     task = tasks.get(args.task, evaluable=True)
     opts = options_of(task.EvalOptions, args)

@@ -48,7 +48,7 @@ class ImageError(InputError):
     """An image that cannot be used; the message names the file and the fix."""
 
 
-def _first(e: BaseException, limit: int = 160) -> str:
+def first_line(e: BaseException, limit: int = 160) -> str:
     """The first line of a library's message, cut to `limit` characters (the error stays one line)."""
     line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -137,7 +137,7 @@ def read_yaml(path: str | Path, what: str, fix: str | None = None) -> Any:
         at = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         raise InputError(path, f"not valid YAML: {e.problem or e.context}{at}{_what(what)}", fix) from None
     except Exception as e:  # OmegaConf's own (e.g. a key twice): name the file, not a traceback
-        raise InputError(path, f"not a valid YAML config ({_first(e)}){_what(what)}", fix) from None
+        raise InputError(path, f"not a valid YAML config ({first_line(e)}){_what(what)}", fix) from None
 
 
 CUT_SHORT = "copy it again (an interrupted copy leaves a short file), or save it again"
@@ -153,7 +153,7 @@ def read_safetensors(path: str | Path, what: str, fix: str | None = None) -> dic
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         size = path.stat().st_size
-        raise InputError(path, f"not a readable safetensors file ({size} bytes; {_first(e)}){_what(what)}",
+        raise InputError(path, f"not a readable safetensors file ({size} bytes; {first_line(e)}){_what(what)}",
                          CUT_SHORT) from None
 
 
@@ -167,7 +167,7 @@ def read_torch(path: str | Path, what: str, fix: str | None = None) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
-        raise InputError(path, f"cannot be loaded ({_first(e)}){_what(what)}", CUT_SHORT) from None
+        raise InputError(path, f"cannot be loaded ({first_line(e)}){_what(what)}", CUT_SHORT) from None
 
 
 def read_parquet(path: str | Path, what: str, fix: str | None = None) -> Any:
@@ -179,7 +179,7 @@ def read_parquet(path: str | Path, what: str, fix: str | None = None) -> Any:
     try:
         return pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
-        raise InputError(path, f"not a readable parquet file ({_first(e)}){_what(what)}",
+        raise InputError(path, f"not a readable parquet file ({first_line(e)}){_what(what)}",
                          CUT_SHORT) from None
 
 

@@ -95,7 +95,7 @@ def shape_config(name: str) -> PretrainedConfig:
         return cls(**kwargs)
     path = Path(key)
     if path.suffix == ".json":  # a config.json: read_json names it when missing or malformed
-        from .files import InputError, read_json
+        from .files import InputError, first_line, read_json
 
         d = read_json(path, "a model's config.json {model_type, hidden_size, ...}", form=dict)
         if "vision_config" in d and d.get("model_type") in ("clip", "siglip"):
@@ -106,7 +106,7 @@ def shape_config(name: str) -> PretrainedConfig:
         try:
             return AutoConfig.for_model(**d)
         except (ValueError, KeyError, TypeError) as e:  # no or unknown model_type, bad fields
-            raise InputError(path, f"not a model config transformers knows ({str(e).splitlines()[0][:200]})",
+            raise InputError(path, f"not a model config transformers knows ({first_line(e, 200)})",
                              "give the config.json of a Hugging Face model, with its model_type") from None
     if name.startswith("embedded:"):
         raise ValueError(f"unknown embedded model {name!r}; available: {EMBEDDED_LLM}, {EMBEDDED_VISION}")
@@ -117,12 +117,12 @@ def shape_config(name: str) -> PretrainedConfig:
 def from_hub(load, name: str, what: str, **kwargs: Any) -> Any:
     """`load(name)` (a transformers from_pretrained); a name that is neither a local directory nor
     reachable on the hub is an InputError naming it, not transformers' traceback."""
-    from .files import InputError
+    from .files import InputError, first_line
 
     try:
         return load(name, **kwargs)
     except OSError as e:
-        raise InputError(name, f"cannot load this {what} ({str(e).splitlines()[0][:200]})",
+        raise InputError(name, f"cannot load this {what} ({first_line(e, 200)})",
                          f"give a local model directory, a Hugging Face id in the local cache, or a preset "
                          f"(random:NAME, {EMBEDDED_LLM}, {EMBEDDED_VISION})") from None
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import hub
 from .config import AdemVLConfig
 from .data import IMAGE_TOKEN_ID, AdemProcessor
-from .files import InputError, atomic_directory, read_safetensors
+from .files import InputError, atomic_directory, first_line, read_safetensors
 from .fusion import VisualMemory
 from .vision import make_adapters, multiscale, tower_features, truncate_tower
 
@@ -122,7 +122,7 @@ class AdemVLModel(nn.Module):
             if isinstance(e, InputError):
                 raise
             raise InputError(checkpoint, f"its base models {config.llm} + {config.vision} cannot be loaded "
-                                         f"({str(e).splitlines()[0]})",
+                                         f"({first_line(e)})",
                              "make them available locally, or pass --llm / --vision") from None
         model.load_adapter(checkpoint, expected_base=saved)
         return model
@@ -296,7 +296,7 @@ class AdemVLModel(nn.Module):
         if expected_base is None:
             expected_base = AdemVLConfig.load(checkpoint).base
         state = read_safetensors(path, "the checkpoint's ADEM-VL weights (trainable tensors only)",
-                                 fix=f"a checkpoint directory holds {WEIGHTS_NAME} and ademvl_config.json; copy it again")
+                                 fix=f"a checkpoint directory holds {WEIGHTS_NAME} and ademvl_config.json (ademvl train writes both)")
         own = self.trainable_state_dict()
         problems = [f"missing {k}" for k in own if k not in state]
         problems += [f"unexpected {k}" for k in state if k not in own]
@@ -324,27 +324,29 @@ def _describe(base: dict[str, Any]) -> str:
             f"vision {base.get('vision')} (width {base.get('vision_width')}, {base.get('vision_blocks')} blocks)")
 
 
-# The fields of a base description that name a model rather than give a size: with --llm / --vision
-# naming another model they may differ (a warning); otherwise the model behind the name has changed.
-NAME_FIELDS = ("llm", "vision", "llm_type", "vision_fingerprint")
+# Fields of the vision side besides the vision* ones (for a name field: which override renames it).
+VISION_FIELDS = ("image_size", "patches")
 
 
 def base_differences(saved: dict[str, Any], built: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(errors, warnings): every field of the recorded base description against the built one.
 
-    A size (hidden_size, num_layers, vocab_size, vision_width, ...: any field not in NAME_FIELDS,
-    new ones included) that differs is an error. A name field that differs is a warning when that
-    side's model was renamed (an --llm / --vision override), else an error: the same name now builds
-    another model. Fields that only one side records (older checkpoints) are not compared.
+    A number (hidden_size, num_layers, vocab_size, vision_width, ...; fields added later too) is a
+    size: one that differs is an error. Any other field names a model (llm, llm_type, vision, the
+    random tower's fingerprint): one that differs is a warning when that side's model was renamed
+    (an --llm / --vision override; a field of neither side: either override), else an error, as
+    the same name now builds another model. Fields only one side records are not compared.
     """
     renamed = {"llm": saved.get("llm") != built.get("llm"), "vision": saved.get("vision") != built.get("vision")}
     errors, notes = [], []
     for key in [k for k in saved if k in built and saved[k] != built[k]]:
-        side = "vision" if key.startswith("vision") or key in ("image_size", "patches") else "llm"
+        side = ("vision" if key.startswith("vision") or key in VISION_FIELDS else
+                "llm" if key.startswith("llm") else None)
         line = f"{key} {saved[key]} in the checkpoint, {built[key]} built"
         if key == "vision_fingerprint":
             line = f"the random vision tower's weights differ ({line})"
-        if key in NAME_FIELDS and renamed[side]:
+        is_size = isinstance(saved[key], (int, float)) and not isinstance(saved[key], bool)
+        if not is_size and (renamed[side] if side else any(renamed.values())):
             notes.append(line)
         else:
             errors.append(line)

@@ -266,6 +266,13 @@ def _(shared, tmp):
         "(llm random:tiny-llama in the checkpoint, random:tiny-qwen2 built; llm_type llama in the checkpoint, qwen2 built)"]
 
 
+@case("checkpoint-vision-override-same-shape", rc=0)
+def _(shared, tmp):
+    return generate(shared / "ckpt", "--vision", "random:tiny-siglip"), [
+        f"{shared / 'ckpt'}: loading onto other base models of the same shape (vision random:tiny-clip in the "
+        "checkpoint, random:tiny-siglip built; the random vision tower's weights differ (vision_fingerprint"]
+
+
 @case("checkpoint-llm-override-other-shape")
 def _(shared, tmp):
     cfg = tmp / "wide" / "config.json"
@@ -763,6 +770,12 @@ def _(shared, tmp):
     (tmp / "demo.yaml").write_text("train: {max_steps: 2\n")
     return ["demo", "--out", str(tmp / "demo"), "--n", "10", "--config", str(tmp / "demo.yaml")], [
         f"{tmp / 'demo.yaml'}: not valid YAML"]
+
+
+@case("demo-out-is-a-file")
+def _(shared, tmp):
+    (tmp / "demo").write_text("notes")
+    return ["demo", "--out", str(tmp / "demo"), "--n", "10"], [f"{tmp / 'demo'}: is a file; --out needs a directory"]
 
 
 # ---- params, data, bench -----------------------------------------------------------------------

@@ -87,6 +87,8 @@ def load_samples(path: str, image_root: str | None = None, split: str = "train",
             raise InputError(f"{path.name}[{i}]", f"expected {{id, image, conversations}}, got {str(rec)[:80]}")
         where = f"{path.name}[{i}] (id {rec.get('id', '?')})"
         image = None
+        if rec.get("image") and not isinstance(rec["image"], str):
+            raise InputError(where, f"image {rec['image']!r}; expected a path relative to image_root")
         if rec.get("image"):
             image = root / rec["image"]
             _check(image, where, check_images)
