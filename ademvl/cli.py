@@ -308,7 +308,7 @@ def short_warnings(command: str) -> Iterator[None]:
     """ademvl's own warnings as one line `ademvl CMD: warning: ...` (a library's keep their form)."""
     original = warnings.formatwarning
 
-    def fmt(message, category, filename, lineno, line=None) -> str:
+    def fmt(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
         if Path(filename).resolve().is_relative_to(PACKAGE_DIR) and issubclass(category, UserWarning):
             return f"ademvl {command}: warning: {message}\n"
         return original(message, category, filename, lineno, line)

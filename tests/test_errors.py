@@ -836,8 +836,10 @@ def test_bad_input_gets_one_clear_line(name: str, shared: Path, tmp_path: Path, 
     with warnings.catch_warnings(record=True) as caught:  # the CLI prints them (see the process test below)
         warnings.simplefilter("always")
         assert main(argv) == rc
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "Traceback" not in err, err[-3000:]
+    if rc == 0:
+        assert out.strip(), "a command that works prints its result"
     where = error_line(err, argv[0]) if rc else "\n".join(str(w.message) for w in caught)
     for text in expected:
         assert text in where, f"{text!r} not in {where!r}"
