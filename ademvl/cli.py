@@ -110,7 +110,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     opts = options_of(task.EvalOptions, args)
     if args.out:
         output_dir(args.out, "--out")  # before the slow part
-    r = evaluate(_load_model(args, args.device), args.task, opts, args.out, args.batch_size)
+    samples = task.eval_samples(opts)  # bad data stops here, before the model loads
+    r = evaluate(_load_model(args, args.device), args.task, opts, args.out, args.batch_size, samples)
     if r.scores is not None:
         title = getattr(opts, "split", "") + (" blank" if getattr(opts, "blank_images", False) else "")
         print(task.format_scores(r.scores, title))

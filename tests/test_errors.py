@@ -875,14 +875,17 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 def test_as_a_process_a_warning_and_an_error_are_one_line_each(shared: Path, tmp_path: Path) -> None:
     """`python -m ademvl`: the override's warning names both models, the error its file; status 2."""
-    proc = run_cli(*eval_sqa(shared / "ckpt", tmp_path / "no data", "--llm", "random:tiny-qwen2"))
+    root = sqa(shared, tmp_path)
+    image = root / "images" / "test" / first_image_pid(root) / "image.png"
+    image.write_text("<html>404</html>")  # met while generating, after the model loaded
+    proc = run_cli(*eval_sqa(shared / "ckpt", root, "--llm", "random:tiny-qwen2"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.splitlines() == [
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("ademvl eval: ")]  # after the progress bar
+    assert lines == [
         f"ademvl eval: warning: {shared / 'ckpt'}: loading onto other base models of the same shape (llm "
         "random:tiny-llama in the checkpoint, random:tiny-qwen2 built; llm_type llama in the checkpoint, qwen2 built); "
         "expect other results than on the base it was trained on",
-        f"ademvl eval: error: {tmp_path / 'no data'}: no ScienceQA data here; expected problems.json + pid_splits.json + "
-        "images/ (released layout) or test-*.parquet (Hugging Face release)"]
+        f"ademvl eval: error: {image}: cannot read this image (not an image format PIL knows); re-encode it as PNG or JPEG"]
 
 
 def test_ademvl_debug_in_the_environment_shows_the_traceback(shared: Path, tmp_path: Path, capsys, monkeypatch) -> None:

@@ -60,10 +60,14 @@ class Evaluation:
     samples: list[Sample] = field(repr=False, default_factory=list)
 
 
-def evaluate(model: Any, task: str, opts: Any, out_dir: str | Path | None = None, batch_size: int = 16) -> Evaluation:
-    """Run `task` (a name in ademvl.tasks.EVAL_TASKS) with its EvalOptions; write OUT/ if given."""
+def evaluate(model: Any, task: str, opts: Any, out_dir: str | Path | None = None, batch_size: int = 16,
+             samples: list[Sample] | None = None) -> Evaluation:
+    """Run `task` (a name in ademvl.tasks.EVAL_TASKS) with its EvalOptions; write OUT/ if given.
+
+    `samples`: the task's eval_samples(opts), when the caller read them already (the CLI does,
+    so that bad data stops before a large model loads)."""
     t = tasks.get(task, evaluable=True)
-    samples = t.eval_samples(opts)
+    samples = t.eval_samples(opts) if samples is None else samples
     texts = generate_texts(model, samples, batch_size, desc=f"{task} {getattr(opts, 'split', '')}".strip(),
                            **t.generation(opts))
     outputs = t.predict(samples, texts, opts)
