@@ -11,23 +11,31 @@
     serve      web.py                 the Gradio page: ask about an image, see where the fusion looked
     import-released / export-released   released.py   the authors' checkpoints in and out
 
-Bad input (a ValueError or FileNotFoundError raised with the file and the fix) is printed in one
-line without a traceback; anything else is a bug and shows its traceback.
+Bad input (an InputError, ademvl/files.py, or another ValueError / FileNotFoundError raised by a
+`raise` of ademvl's own code, with the file and the fix) is printed in one line without a
+traceback and exits with status 2; `--debug` (or ADEMVL_DEBUG=1) adds the traceback. Anything
+else, a library's ValueError included, is a bug and shows its traceback. docs/errors.md lists
+the cases.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import linecache
+import os
 import sys
+import traceback
 import types
 import typing
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from . import tasks
+from .files import InputError, read_json
 
 RELEASED_EXTRA = "the released code also builds an adapter on the last vision block, which never runs"
 
@@ -74,8 +82,10 @@ def _load_model(args: argparse.Namespace, device: str = "cpu") -> Any:
 
 # ---- the commands ---------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .files import output_dir
     from .recipes.demo import run_demo
 
+    output_dir(args.out, "--out")
     report = run_demo(args.out, args.config, args.n, args.seed, args.overrides, args.batch_size)
     res = report["results"]
     print(f"image questions: {res['trained']['per_type']['image_questions']:.1f}% "
@@ -95,6 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .files import output_dir
     from .recipes.evaluate import evaluate
 
     task = tasks.get(args.task, evaluable=True)
@@ -102,7 +113,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if opts.protocol == "ademvl" and (Path(args.checkpoint) / "released.json").exists():
         warnings.warn(f"{args.checkpoint} was imported from the authors' release; it was trained on their token "
                       "layout: evaluate it with --protocol released (docs/released.md)", stacklevel=2)
-    r = evaluate(_load_model(args, args.device), args.task, opts, args.out, args.batch_size)
+    if args.out:
+        output_dir(args.out, "--out")  # before the slow part
+    samples = task.eval_samples(opts)  # bad data stops here, before the model loads
+    r = evaluate(_load_model(args, args.device), args.task, opts, args.out, args.batch_size, samples)
     if r.scores is not None:
         title = getattr(opts, "split", "") + (" blank" if getattr(opts, "blank_images", False) else "")
         print(task.format_scores(r.scores, title))
@@ -184,10 +198,11 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def cmd_synth_shapes(args: argparse.Namespace) -> int:
+    from .files import output_dir
     from .tasks.shapes import write_dataset
 
-    out = write_dataset(args.out, args.n, args.seed, args.shuffle_choices)
-    splits = json.loads((out / "pid_splits.json").read_text())
+    out = write_dataset(output_dir(args.out, "--out"), args.n, args.seed, args.shuffle_choices)
+    splits = read_json(out / "pid_splits.json", "the split lists just written")
     print(f"wrote {sum(map(len, splits.values()))} problems to {out} "
           f"(train {len(splits['train'])}, val {len(splits['val'])}, test {len(splits['test'])})")
     return 0
@@ -299,17 +314,82 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---- errors and warnings ----------------------------------------------------------------------
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEBUG_HELP = "on bad input, show the traceback too (also: ADEMVL_DEBUG=1)"
+
+
+def add_debug_flag(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """--debug on the parser and every subcommand's, so it may come anywhere on the line."""
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS, help=DEBUG_HELP)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                add_debug_flag(sub, top=False)
+
+
+def is_bad_input(e: BaseException) -> bool:
+    """An InputError, or a ValueError / FileNotFoundError that a `raise` line in ademvl wrote.
+
+    A ValueError that a library or a Python builtin raised (json, int(), torch, safetensors) is a
+    bug here, or a read that does not go through ademvl/files.py yet: it keeps its traceback.
+    """
+    if isinstance(e, InputError):
+        return True
+    if not isinstance(e, (ValueError, FileNotFoundError)) or e.__traceback__ is None:
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:  # the frame that raised it
+        tb = tb.tb_next
+    filename = Path(tb.tb_frame.f_code.co_filename)
+    line = linecache.getline(str(filename), tb.tb_lineno).strip()
+    return filename.resolve().is_relative_to(PACKAGE_DIR) and line.startswith("raise ")
+
+
+def worker_message(message: str) -> str:
+    """The message alone of an error re-raised from a DataLoader worker, without the worker's traceback."""
+    if "DataLoader worker" in message and "Traceback (most recent call last)" in message:
+        last = message.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return message
+
+
+@contextmanager
+def short_warnings(command: str) -> Iterator[None]:
+    """ademvl's own warnings as one line `ademvl CMD: warning: ...` (a library's keep their form)."""
+    original = warnings.formatwarning
+
+    def fmt(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+        if Path(filename).resolve().is_relative_to(PACKAGE_DIR) and issubclass(category, UserWarning):
+            return f"ademvl {command}: warning: {message}\n"
+        return original(message, category, filename, lineno, line)
+
+    warnings.formatwarning = fmt
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    add_debug_flag(parser)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):  # train and demo take section.key overrides
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
-    try:
-        return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as e:  # bad input: say what and how to fix, no traceback
-        print(f"ademvl {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    debug = args.debug or os.environ.get("ADEMVL_DEBUG", "") not in ("", "0")
+    with short_warnings(args.command):
+        try:
+            return int(args.func(args) or 0)
+        except (ValueError, FileNotFoundError) as e:
+            if not is_bad_input(e):
+                raise  # a bug: its traceback is what a fix needs
+            if debug:
+                traceback.print_exc()
+            # bad input: say what and how to fix, no traceback
+            print(f"ademvl {args.command}: error: {worker_message(str(e))}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

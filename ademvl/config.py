@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from .files import InputError, InputNotFound, read_json, read_yaml
+
 CONFIG_NAME = "ademvl_config.json"
 QK_ACTIVATIONS = ("silu", "none", "relu", "elu", "softmax", "silu_positive")
 POOLINGS = ("avg", "max")
@@ -50,11 +52,11 @@ def structured(cls: type[T], *sources: Any, what: str | None = None, where: str 
         schema = _schema_at(cls, section)
         valid = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
         unknown = sorted({key.rpartition(".")[2]})
-        raise ValueError(f"{where}unknown {what} key(s) {unknown}{f' in {section}' if section else ''}; "
+        raise InputError(f"{where}unknown {what} key(s) {unknown}{f' in {section}' if section else ''}; "
                          f"valid keys: {', '.join(valid)}") from None
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
-        raise ValueError(f"{where}{what} {_dotted(e)}: {msg}") from None
+        raise InputError(f"{where}{what} {_dotted(e)}: {msg}") from None
 
 
 def _schema_at(cls: type, dotted: str) -> type:
@@ -159,13 +161,20 @@ class AdemVLConfig:
     @classmethod
     def load(cls, directory: str | Path) -> "AdemVLConfig":
         path = Path(directory)
-        path = path / CONFIG_NAME if path.is_dir() else path
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no ADEM-VL config here; a checkpoint directory holds {CONFIG_NAME} and adapter.safetensors")
+            raise InputNotFound(path, "checkpoint not found", f"pass a directory holding {CONFIG_NAME} and adapter.safetensors")
+        if path.is_file() and path.suffix != ".json":  # e.g. adapter.safetensors itself
+            raise InputError(path, "is a file; a checkpoint is the directory holding it",
+                             f"pass its directory, {path.parent}")
+        path = path / CONFIG_NAME if path.is_dir() else path
+        d = read_json(path, f"the checkpoint's ADEM-VL config {{field: value}}", form=dict,
+                      fix=f"a checkpoint directory holds {CONFIG_NAME} and adapter.safetensors (ademvl train writes both)")
+        if not isinstance(d.get("base", {}), dict):
+            raise InputError(path, f"base is a {type(d['base']).__name__}; expected the base models' description {{field: value}}")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, ValueError) as e:
-            raise ValueError(f"{path}: bad ADEM-VL config: {e}") from e
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise InputError(path, f"bad ADEM-VL config: {e}") from None
 
 
 @dataclass
@@ -235,7 +244,7 @@ def config_path(name: str | Path) -> Path:
     if path.suffix in ("", ".yaml") and len(path.parts) == 1 and shipped.exists():
         return shipped
     names = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"{path}: config file not found (a path, or a shipped config: {', '.join(names)})")
+    raise InputNotFound(path, "config file not found", f"a path, or a shipped config: {', '.join(names)}")
 
 
 def overrides_to_dotlist(overrides: Iterable[str]) -> list[str]:
@@ -246,12 +255,12 @@ def overrides_to_dotlist(overrides: Iterable[str]) -> list[str]:
         key = arg[2:] if arg.startswith("--") else arg
         if "=" not in key:
             if not arg.startswith("--") or not rest:
-                raise ValueError(f"override {arg!r}: write --section.key value or section.key=value, "
+                raise InputError(f"override {arg!r}: write --section.key value or section.key=value, "
                                  "e.g. --train.batch_size 4")
             key = f"{key}={rest.pop(0)}"
         name = key.split("=", 1)[0]
         if name.split(".")[0] not in ("model", "data", "train") or "." not in name:
-            raise ValueError(f"override {arg!r}: the key must be model.X, data.X or train.X")
+            raise InputError(f"override {arg!r}: the key must be model.X, data.X or train.X")
         items.append(key)
     return items
 
@@ -259,17 +268,18 @@ def overrides_to_dotlist(overrides: Iterable[str]) -> list[str]:
 def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
     """Read a YAML run config (path or shipped name) and apply overrides; everything type-checked."""
     path = config_path(path)
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as e:  # the YAML parser's own errors: name the file, not a traceback
-        raise ValueError(f"{path}: not a valid YAML run config ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path, "a YAML run config with sections model:, data:, train:")
     if not isinstance(raw, DictConfig):
-        raise ValueError(f"{path}: expected sections model:, data:, train: (a mapping), got a list")
+        raise InputError(path, "holds a list; expected sections model:, data:, train: (a mapping)")
     unknown = sorted(set(raw) - {"model", "data", "train"})
     if unknown:
-        raise ValueError(f"{path}: unknown section(s) {', '.join(unknown)}; valid: model, data, train")
+        raise InputError(path, f"unknown section(s) {', '.join(unknown)}; valid: model, data, train")
+    for section in ("model", "data", "train"):
+        if section in raw and raw[section] is not None and not isinstance(raw[section], DictConfig):
+            raise InputError(path, f"section {section}: is a {type(raw[section]).__name__}; expected a mapping of "
+                                   f"keys under it ({section}: {{key: value}})")
     try:
         cli = OmegaConf.from_dotlist(overrides_to_dotlist(overrides))
     except OmegaConfBaseException as e:
-        raise ValueError(f"overrides: {str(e).splitlines()[0]}") from None
+        raise InputError("overrides", str(e).splitlines()[0]) from None
     return structured(RunConfig, raw, cli, what="run config", where=f"{path}: ")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -95,18 +94,37 @@ def shape_config(name: str) -> PretrainedConfig:
         cls, kwargs = PRESETS[key]
         return cls(**kwargs)
     path = Path(key)
-    if path.is_file() and path.suffix == ".json":
-        d = json.loads(path.read_text())
+    if path.suffix == ".json":  # a config.json: read_json names it when missing or malformed
+        from .files import InputError, first_line, read_json
+
+        d = read_json(path, "a model's config.json {model_type, hidden_size, ...}", form=dict)
         if "vision_config" in d and d.get("model_type") in ("clip", "siglip"):
             d = d["vision_config"] | {"model_type": d["model_type"] + "_vision_model"}
         vision_cls = {"clip_vision_model": CLIPVisionConfig, "siglip_vision_model": SiglipVisionConfig}.get(d.get("model_type"))
         if vision_cls is not None:
             return vision_cls(**{k: v for k, v in d.items() if k != "model_type"})
-        return AutoConfig.for_model(**d)
+        try:
+            return AutoConfig.for_model(**d)
+        except (ValueError, KeyError, TypeError) as e:  # no or unknown model_type, bad fields
+            raise InputError(path, f"not a model config transformers knows ({first_line(e, 200)})",
+                             "give the config.json of a Hugging Face model, with its model_type") from None
     if name.startswith("embedded:"):
         raise ValueError(f"unknown embedded model {name!r}; available: {EMBEDDED_LLM}, {EMBEDDED_VISION}")
-    cfg = AutoConfig.from_pretrained(key)
+    cfg = from_hub(AutoConfig.from_pretrained, key, "model config")
     return cfg.vision_config if hasattr(cfg, "vision_config") else cfg
+
+
+def from_hub(load, name: str, what: str, **kwargs: Any) -> Any:
+    """`load(name)` (a transformers from_pretrained); a name that is neither a local directory nor
+    reachable on the hub is an InputError naming it, not transformers' traceback."""
+    from .files import InputError, first_line
+
+    try:
+        return load(name, **kwargs)
+    except OSError as e:
+        raise InputError(name, f"cannot load this {what} ({first_line(e, 200)})",
+                         f"give a local model directory, a Hugging Face id in the local cache, or a preset "
+                         f"(random:NAME, {EMBEDDED_LLM}, {EMBEDDED_VISION})") from None
 
 
 # ---- the embedded LLM ------------------------------------------------------------------------
@@ -161,7 +179,7 @@ def load_llm(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
         return _seeded(lambda: AutoModelForCausalLM.from_config(cfg, dtype=dtype))
     if name.startswith("embedded:"):
         shape_config(name)  # raises the clear error
-    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    return from_hub(AutoModelForCausalLM.from_pretrained, name, "LLM", dtype=dtype)
 
 
 def load_tokenizer(name: str):
@@ -170,7 +188,7 @@ def load_tokenizer(name: str):
         if name.startswith("random:") and shape_config(name).vocab_size != 49152:
             raise ValueError(f"{name}: random models need vocab_size 49152 to share the embedded SmolLM2 tokenizer")
         return AutoTokenizer.from_pretrained(str(embedded_llm_dir()))
-    return AutoTokenizer.from_pretrained(name)
+    return from_hub(AutoTokenizer.from_pretrained, name, "tokenizer")
 
 
 def load_vision(name: str, keep_blocks: int | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from .files import ImageError, read_image
 
-class ImageError(ValueError):
-    """An image that cannot be used; the message names the file and the fix."""
-
+__all__ = ["DATASET_HINT", "ImageError", "load_image", "to_rgb"]
 
 DATASET_HINT = "check the dataset's image root (--data-root / --image-root)"
 
@@ -18,21 +17,11 @@ def load_image(path: str | Path, missing_hint: str = DATASET_HINT) -> Image.Imag
     """Open an image file as RGB.
 
     Fallbacks (documented): palette/greyscale/CMYK are converted; an alpha channel is composited
-    on white; 16-bit images are scaled to 8 bits. A missing or unreadable file raises ImageError;
-    `missing_hint` says where the path came from, so the message names the right fix.
+    on white; 16-bit images are scaled to 8 bits. A missing, unreadable or huge file raises
+    ImageError (ademvl/files.py reads it); `missing_hint` says where the path came from, so the
+    message names the right fix.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ImageError(f"{path}: image file not found; {missing_hint}")
-    try:
-        img = Image.open(path)
-        img.load()
-    except Image.DecompressionBombError as e:  # PIL refuses > 2 x MAX_IMAGE_PIXELS (~179 M pixels)
-        raise ImageError(f"{path}: image too large to decode safely ({e}); downscale it "
-                         "(the model sees 224 px or so anyway)") from e
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImageError(f"{path}: cannot read this image ({e}); re-encode it as PNG or JPEG") from e
-    return to_rgb(img)
+    return to_rgb(read_image(path, missing_hint))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

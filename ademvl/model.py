@@ -14,24 +14,25 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import hub
 from .config import AdemVLConfig
 from .data import IMAGE_TOKEN_ID, AdemProcessor
-from .files import atomic_directory
+from .files import InputError, atomic_directory, first_line, read_safetensors
 from .fusion import VisualMemory
 from .vision import make_adapters, multiscale, tower_features, truncate_tower
 
 WEIGHTS_NAME = "adapter.safetensors"
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(InputError):
     """The checkpoint was made for other base models."""
 
 
@@ -115,7 +116,14 @@ class AdemVLModel(nn.Module):
         config = AdemVLConfig.load(checkpoint)
         saved = dict(config.base)
         config = config.replace(llm=llm or config.llm, vision=vision or config.vision, base={})
-        model = cls.build(config, dtype=dtype)
+        try:
+            model = cls.build(config, dtype=dtype)
+        except OSError as e:  # transformers: not a local directory, not on the hub (or no network)
+            if isinstance(e, InputError):
+                raise
+            raise InputError(checkpoint, f"its base models {config.llm} + {config.vision} cannot be loaded "
+                                         f"({first_line(e)})",
+                             "make them available locally, or pass --llm / --vision") from None
         model.load_adapter(checkpoint, expected_base=saved)
         return model
 
@@ -285,27 +293,25 @@ class AdemVLModel(nn.Module):
         """Load trainable weights; names, shapes and base model must match, else a clear error."""
         checkpoint = Path(checkpoint)
         path = checkpoint / WEIGHTS_NAME
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no ADEM-VL weights here (expected {WEIGHTS_NAME} beside {AdemVLConfig.__name__} JSON)")
         if expected_base is None:
             expected_base = AdemVLConfig.load(checkpoint).base
-        state = load_file(str(path))
+        state = read_safetensors(path, "the checkpoint's ADEM-VL weights (trainable tensors only)",
+                                 fix=f"a checkpoint directory holds {WEIGHTS_NAME} and ademvl_config.json (ademvl train writes both)")
         own = self.trainable_state_dict()
         problems = [f"missing {k}" for k in own if k not in state]
         problems += [f"unexpected {k}" for k in state if k not in own]
         problems += [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                      for k, v in own.items() if k in state and state[k].shape != v.shape]
-        fp_saved, fp_now = expected_base.get("vision_fingerprint"), self.config.base.get("vision_fingerprint")
-        if fp_saved and fp_now and fp_saved != fp_now:
-            problems.append(f"the random vision tower's weights differ (fingerprint {fp_saved} expected, {fp_now} built)")
-        if problems:
+        differ, renamed = base_differences(expected_base, self.config.base)
+        if problems or differ:
+            found = differ + renamed + problems
             raise CheckpointMismatch(
-                f"{checkpoint} does not fit this base model.\n"
-                f"  checkpoint made for: {_describe(expected_base)}\n"
-                f"  this model:          {_describe(self.config.base)}\n"
-                f"  differences: {'; '.join(problems[:6])}{' ...' if len(problems) > 6 else ''}\n"
-                f"Load it onto the base it expects, e.g. --llm {expected_base.get('llm')} --vision {expected_base.get('vision')}"
-            )
+                checkpoint, f"does not fit the base models built ({'; '.join(found[:6])}{' ...' if len(found) > 6 else ''}); "
+                            f"checkpoint made for: {_describe(expected_base)}",
+                f"load it onto the base it expects: --llm {expected_base.get('llm')} --vision {expected_base.get('vision')}")
+        if renamed:
+            warnings.warn(f"{checkpoint}: loading onto other base models of the same shape ({'; '.join(renamed)}); "
+                          "expect other results than on the base it was trained on", stacklevel=2)
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(state[k].to(v.device, v.dtype))
@@ -316,6 +322,35 @@ def _describe(base: dict[str, Any]) -> str:
         return "(unknown)"
     return (f"LLM {base.get('llm')} ({base.get('llm_type')}, d={base.get('hidden_size')}, {base.get('num_layers')} layers) + "
             f"vision {base.get('vision')} (width {base.get('vision_width')}, {base.get('vision_blocks')} blocks)")
+
+
+# Fields of the vision side besides the vision* ones (for a name field: which override renames it).
+VISION_FIELDS = ("image_size", "patches")
+
+
+def base_differences(saved: dict[str, Any], built: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(errors, warnings): every field of the recorded base description against the built one.
+
+    A number (hidden_size, num_layers, vocab_size, vision_width, ...; fields added later too) is a
+    size: one that differs is an error. Any other field names a model (llm, llm_type, vision, the
+    random tower's fingerprint): one that differs is a warning when that side's model was renamed
+    (an --llm / --vision override; a field of neither side: either override), else an error, as
+    the same name now builds another model. Fields only one side records are not compared.
+    """
+    renamed = {"llm": saved.get("llm") != built.get("llm"), "vision": saved.get("vision") != built.get("vision")}
+    errors, notes = [], []
+    for key in [k for k in saved if k in built and saved[k] != built[k]]:
+        side = ("vision" if key.startswith("vision") or key in VISION_FIELDS else
+                "llm" if key.startswith("llm") else None)
+        line = f"{key} {saved[key]} in the checkpoint, {built[key]} built"
+        if key == "vision_fingerprint":
+            line = f"the random vision tower's weights differ ({line})"
+        is_size = isinstance(saved[key], (int, float)) and not isinstance(saved[key], bool)
+        if not is_size and (renamed[side] if side else any(renamed.values())):
+            notes.append(line)
+        else:
+            errors.append(line)
+    return errors, notes
 
 
 def build_meta(llm: str, vision: str, config: AdemVLConfig | None = None) -> AdemVLModel:

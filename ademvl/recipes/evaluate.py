@@ -12,6 +12,7 @@ OUT/{subtask}.txt (image \\t question \\t ground truth \\t prediction, the eval_
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from .. import tasks
 from ..data import Sample
-from ..files import atomic_write_bytes, write_json
+from ..files import atomic_write_files
 from ..released_protocol import PROTOCOLS
 
 
@@ -62,10 +63,14 @@ class Evaluation:
     samples: list[Sample] = field(repr=False, default_factory=list)
 
 
-def evaluate(model: Any, task: str, opts: Any, out_dir: str | Path | None = None, batch_size: int = 16) -> Evaluation:
-    """Run `task` (a name in ademvl.tasks.EVAL_TASKS) with its EvalOptions; write OUT/ if given."""
+def evaluate(model: Any, task: str, opts: Any, out_dir: str | Path | None = None, batch_size: int = 16,
+             samples: list[Sample] | None = None) -> Evaluation:
+    """Run `task` (a name in ademvl.tasks.EVAL_TASKS) with its EvalOptions; write OUT/ if given.
+
+    `samples`: the task's eval_samples(opts), when the caller read them already (the CLI does,
+    so that bad data stops before a large model loads)."""
     t = tasks.get(task, evaluable=True)
-    samples = t.eval_samples(opts)
+    samples = t.eval_samples(opts) if samples is None else samples
     processor, protocol = None, getattr(opts, "protocol", "ademvl")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r}: choose one of {', '.join(PROTOCOLS)}")
@@ -84,14 +89,11 @@ def evaluate(model: Any, task: str, opts: Any, out_dir: str | Path | None = None
 
 def write_outputs(out_dir: str | Path, outputs: dict[str, Any], scores: Any = None) -> None:
     """Each output as its file (text as is, anything else as JSON), then scores.json."""
-    out = Path(out_dir)
-    for name, obj in outputs.items():
-        if isinstance(obj, str):
-            atomic_write_bytes(out / name, obj.encode())
-        else:
-            write_json(out / name, obj)
+    files = {name: obj.encode() if isinstance(obj, str) else (json.dumps(obj, indent=1) + "\n").encode()
+             for name, obj in outputs.items()}
     if scores is not None:
-        write_json(out / "scores.json", scores, indent=2)
+        files["scores.json"] = (json.dumps(scores, indent=2) + "\n").encode()
+    atomic_write_files(out_dir, files)  # all or none: a failure keeps an earlier run's set whole
 
 
 def score(task: str, opts: Any) -> Any:

@@ -55,7 +55,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from .. import tasks
 from ..config import RunConfig
 from ..data import Sample
-from ..files import atomic_directory
+from ..files import InputError, InputNotFound, atomic_directory, output_dir, read_torch
 from ..model import AdemVLModel
 
 CHECKPOINTS = "checkpoints"
@@ -134,8 +134,8 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / "trainer_state.pt").exists():
-        raise FileNotFoundError(f"{path}: not a training checkpoint (no trainer_state.pt); "
-                                f"pass a directory under OUTPUT/{CHECKPOINTS}/ or --resume auto")
+        raise InputNotFound(path, "not a training checkpoint (no trainer_state.pt)",
+                            f"pass a directory under OUTPUT/{CHECKPOINTS}/ or --resume auto")
     return path
 
 
@@ -282,7 +282,7 @@ class Trainer:
         return final
 
     def load_state(self, path: Path) -> None:
-        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = read_torch(path / "trainer_state.pt", "the trainer state of a training checkpoint")
         if state["total_batch"] != self.total_batch:
             raise ValueError(f"{path}: saved with total batch {state['total_batch']}, this run has {self.total_batch} "
                              "(batch_size x grad_accum x processes); the data position would not continue")
@@ -292,7 +292,7 @@ class Trainer:
         self.step = state["step"]
         rng = path / f"rng_state_{self.acc.process_index}.pt"
         if rng.exists():
-            _set_rng_state(torch.load(rng, weights_only=False))
+            _set_rng_state(read_torch(rng, "the RNG state of a training checkpoint"))
 
     def unwrapped(self) -> AdemVLModel:
         return self.acc.unwrap_model(self.model)
@@ -360,8 +360,19 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
     return Trainer(cfg, resume).fit()
 
 
+def check_output_dir(out: str | Path, resume: str | None) -> None:
+    """A new run never writes over an earlier run's checkpoints (it would replace its step-N and
+    prune the rest): an output directory holding one must be resumed, or another one chosen."""
+    out = output_dir(out, "train.output_dir (--output-dir)")
+    earlier = [p.name for p in ((out / "checkpoint"), *list_checkpoints(out)) if p.is_dir()]
+    if earlier and not resume:
+        raise InputError(out, f"holds an earlier run ({', '.join(earlier[-3:])}); a new run would overwrite it",
+                         "continue it with --resume auto, or choose another --output-dir")
+
+
 def train_and_report(cfg: RunConfig, resume: str | None = None) -> int:
     """`ademvl train`: train, print the summary once (rank 0), and exit cleanly under torchrun."""
+    check_output_dir(cfg.train.output_dir, resume)
     try:
         summary = train(cfg, resume)
     except TrainingDiverged as e:

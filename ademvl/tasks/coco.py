@@ -31,7 +31,7 @@ from typing import Any
 
 from ..data import Sample
 from . import option
-from ..files import read_json
+from ..files import InputError, InputNotFound, read_json
 from ..metrics.captions import KEYS, caption_scores
 
 PROMPT = "a picture of"
@@ -52,7 +52,7 @@ def image_id_of(entry: dict[str, Any], where: str) -> int:
         return int(entry["image_id"])
     m = re.search(r"(\d+)\.\w+$", entry["image"])
     if not m:
-        raise ValueError(f"{where}: cannot tell the COCO image id of {entry['image']!r} (no image_id, no number "
+        raise InputError(where, f"cannot tell the COCO image id of {entry['image']!r} (no image_id, no number "
                          f"at the end of the file name)")
     return int(m.group(1))
 
@@ -65,8 +65,8 @@ def annotation_file(root: str | Path, split: str, ann_file: str | None = None, a
             raise ValueError(f"split={split!r}: choose one of {', '.join(SPLITS)} (or give ann_file)")
         path = Path(ann_root or root) / f"coco_karpathy_{split}.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: Karpathy annotation file not found; get coco_karpathy_{split}.json "
-                                f"(BLIP/LAVIS release) into ann_root, or pass ann_file")
+        raise InputNotFound(path, "Karpathy annotation file not found", f"get coco_karpathy_{split}.json "
+                                  "(BLIP/LAVIS release) into ann_root, or pass ann_file")
     return path
 
 
@@ -80,23 +80,21 @@ def load_samples(root: str, split: str = "train", ann_file: str | None = None, a
     """Training: one sample per (image, caption). Val/test: one sample per image, the first caption
     as target and all of them in meta["captions"]."""
     path = annotation_file(root, split, ann_file, ann_root)
-    entries = read_json(path, "a Karpathy split file [{image, caption}, ...]")
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a list of {{image, caption}} entries (Karpathy split file)")
+    entries = read_json(path, "a Karpathy split file [{image, caption}, ...]", form=list)
     if limit is not None:
         entries = entries[:limit]
     samples = []
     for i, e in enumerate(entries):
         where = f"{path.name}[{i}]"
-        if not isinstance(e, dict) or "image" not in e or "caption" not in e:
-            raise ValueError(f"{where}: expected {{image, caption}}, got {str(e)[:80]}")
+        if not isinstance(e, dict) or not isinstance(e.get("image"), str) or "caption" not in e:
+            raise InputError(where, f"expected {{image: path, caption}}, got {str(e)[:80]}")
         image = Path(root) / e["image"]
         if check_images and not image.exists():
-            raise FileNotFoundError(f"{where}: image {image} not found; is root the COCO images root "
-                                    f"(the one holding {Path(e['image']).parts[0]}/)?")
+            raise InputNotFound(where, f"image {image} not found", "is root the COCO images root "
+                                       f"(the one holding {Path(e['image']).parts[0]}/)?")
         captions = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
-        if not captions:
-            raise ValueError(f"{where}: no caption")
+        if not captions or not all(isinstance(c, str) for c in captions):
+            raise InputError(where, f"caption {e['caption']!r}; expected a text or a list of texts")
         image_id = image_id_of(e, where)
         target = pre_caption(captions[0], max_words)
         samples.append(Sample(id=f"{image_id}" if isinstance(e["caption"], list) else f"{image_id}-{i}",
@@ -184,25 +182,30 @@ def score_coco(gt_file: str | Path, preds: str | Path | list[dict[str, Any]], me
     images), each against all its ground-truth captions; warns when they are fewer than the
     ground truth's images.
     """
-    gt = read_json(gt_file, "COCO-format ground truth ({images, annotations: [{image_id, caption}]})")
-    if not isinstance(gt, dict) or "annotations" not in gt:
-        raise ValueError(f"{gt_file}: expected COCO-format ground truth with an 'annotations' list "
-                         f"(e.g. coco_karpathy_test_gt.json)")
-    results = preds if isinstance(preds, list) else read_json(preds, "predictions ([{image_id, caption}])")
+    gt = read_json(gt_file, "COCO-format ground truth ({images, annotations: [{image_id, caption}]})", form=dict)
+    if not isinstance(gt.get("annotations"), list):
+        raise InputError(gt_file, "no 'annotations' list; expected COCO-format ground truth "
+                                  "(e.g. coco_karpathy_test_gt.json)")
+    results = preds if isinstance(preds, list) else read_json(
+        preds, "predictions in the COCO results format [{image_id, caption}]", form=list)
+    where = "predictions" if isinstance(preds, list) else str(preds)
     refs: dict[Any, list[str]] = {}
-    for a in gt["annotations"]:
+    for i, a in enumerate(gt["annotations"]):
+        if not isinstance(a, dict) or "image_id" not in a or not isinstance(a.get("caption"), str):
+            raise InputError(gt_file, f"annotations[{i}] is {str(a)[:80]}; expected {{image_id, caption: text}}")
         refs.setdefault(a["image_id"], []).append(a["caption"])
     hyps: dict[Any, str] = {}
     for i, r in enumerate(results):
-        if not isinstance(r, dict) or "image_id" not in r or "caption" not in r:
-            raise ValueError(f"prediction {i}: {r!r} is not {{image_id, caption}} (the COCO results format)")
+        if not isinstance(r, dict) or "image_id" not in r or not isinstance(r.get("caption"), str):
+            raise InputError(where, f"prediction {i}: {str(r)[:80]} is not {{image_id, caption: text}} (the COCO results format)")
         if r["image_id"] not in refs:
-            raise ValueError(f"prediction {i}: image_id {r['image_id']!r} is not in {gt_file}")
+            raise InputError(where, f"prediction {i}: image_id {r['image_id']!r} is not in {gt_file}",
+                             "score against the ground truth of the split the captions were made for")
         if r["image_id"] in hyps:
-            raise ValueError(f"prediction {i}: a second caption for image_id {r['image_id']!r}; give one per image")
-        hyps[r["image_id"]] = str(r["caption"])
+            raise InputError(where, f"prediction {i}: a second caption for image_id {r['image_id']!r}; give one per image")
+        hyps[r["image_id"]] = r["caption"]
     if not hyps:
-        raise ValueError("nothing to score: no predictions")
+        raise InputError(where, "nothing to score: no predictions")
     if len(hyps) < len(refs):
         warnings.warn(f"scoring {len(hyps)} predicted images of the {len(refs)} in {gt_file}: "
                       f"not comparable with published numbers", stacklevel=2)

@@ -22,11 +22,11 @@ each gpt turn its target; the loss covers the gpt turns only. A record must alte
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ..data import Sample
+from ..files import InputError, InputNotFound, read_json
 
 IMAGE_MARK = "<image>"
 
@@ -36,14 +36,17 @@ def prompt_of(text: str) -> str:
 
 
 def _turns(rec: dict[str, Any], where: str) -> list[tuple[str, str]]:
-    conv = [c for c in rec.get("conversations", []) if c.get("from") != "system"]
+    conv = rec.get("conversations", [])
+    if not isinstance(conv, list) or not all(isinstance(c, dict) and isinstance(c.get("value"), str) for c in conv):
+        raise InputError(where, "conversations must be a list of {from: human|gpt, value: text}")
+    conv = [c for c in conv if c.get("from") != "system"]
     if not conv or len(conv) % 2:
-        raise ValueError(f"{where}: {len(conv)} turns; a conversation alternates human and gpt turns, ending with gpt")
+        raise InputError(where, f"{len(conv)} turns; a conversation alternates human and gpt turns, ending with gpt")
     turns = []
     for k in range(0, len(conv), 2):
         h, g = conv[k], conv[k + 1]
         if h.get("from") != "human" or g.get("from") != "gpt":
-            raise ValueError(f"{where}: turns {k}, {k + 1} are {h.get('from')!r}, {g.get('from')!r}; expected human, gpt")
+            raise InputError(where, f"turns {k}, {k + 1} are {h.get('from')!r}, {g.get('from')!r}; expected human, gpt")
         text = h["value"].replace(IMAGE_MARK, "").strip()
         turns.append((prompt_of(text), g["value"].strip()))
     return turns
@@ -51,23 +54,24 @@ def _turns(rec: dict[str, Any], where: str) -> list[tuple[str, str]]:
 
 def _check(image: Path, where: str, check: bool) -> None:
     if check and not image.exists():
-        raise FileNotFoundError(f"{where}: image {image} not found; check image_root")
+        raise InputNotFound(where, f"image {image} not found", "check image_root")
 
 
 def load_samples(path: str, image_root: str | None = None, split: str = "train", limit: int | None = None,
                  check_images: bool = True) -> list[Sample]:
     """Samples of a LLaVA conversation file or the released all_data.json (see the module docstring)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: instruction data not found")
-    data = json.loads(path.read_text())
+    data = read_json(path, "instruction data: a LLaVA list of conversations or all_data.json ({split: [...]})",
+                     form=(dict, list))
     root = Path(image_root) if image_root else path.parent
     samples = []
     if isinstance(data, dict):  # all_data.json: {split: [{qid, instruction, answer, image, image_source}]}
-        if split not in data:
-            raise ValueError(f"{path}: no split {split!r}; it has {', '.join(data)}")
+        if split not in data or not isinstance(data[split], list):
+            raise InputError(path, f"no split {split!r} (a list of records); it has {', '.join(data)}")
         for i, rec in enumerate(data[split][:limit]):
             where = f"{path.name}[{split}][{i}]"
+            if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("instruction", "answer")):
+                raise InputError(where, f"expected {{qid, instruction: text, answer: text, image, image_source}}, got {str(rec)[:80]}")
             image = None
             if rec.get("image"):
                 if rec.get("image_source") == "sqa":
@@ -78,11 +82,13 @@ def load_samples(path: str, image_root: str | None = None, split: str = "train",
             samples.append(Sample(id=str(rec.get("qid", i)), image=str(image) if image else None,
                                   turns=[(rec["instruction"], rec["answer"])], meta={"source": rec.get("image_source")}))
         return samples
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a LLaVA list of conversations or all_data.json ({{split: [...]}})")
     for i, rec in enumerate(data[:limit]):
+        if not isinstance(rec, dict):
+            raise InputError(f"{path.name}[{i}]", f"expected {{id, image, conversations}}, got {str(rec)[:80]}")
         where = f"{path.name}[{i}] (id {rec.get('id', '?')})"
         image = None
+        if rec.get("image") and not isinstance(rec["image"], str):
+            raise InputError(where, f"image {rec['image']!r}; expected a path relative to image_root")
         if rec.get("image"):
             image = root / rec["image"]
             _check(image, where, check_images)

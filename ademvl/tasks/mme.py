@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import Sample
+from ..files import InputError, InputNotFound, read_text
 from . import option
 from .instruct import prompt_of
 
@@ -26,6 +27,7 @@ MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebri
                   "artwork", "OCR")
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 SUBTASKS = MME_PERCEPTION + MME_COGNITION
+RESULTS = "MME results (image<TAB>question<TAB>ground truth<TAB>prediction per line)"
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG")
 
 
@@ -42,25 +44,25 @@ def load_samples(root: str, split: str = "test", subtasks: list[str] | None = No
     """All questions of the subtasks found under root (or of `subtasks`); limit: images per subtask."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: MME benchmark folder not found (MME_Benchmark_release_version)")
+        raise InputNotFound(root, "MME benchmark folder not found (MME_Benchmark_release_version)")
     names = subtasks or [s for s in SUBTASKS if (root / s).is_dir()]
     if not names:
-        raise FileNotFoundError(f"{root}: no MME subtask folders ({', '.join(SUBTASKS)})")
+        raise InputNotFound(root, f"no MME subtask folders ({', '.join(SUBTASKS)})")
     samples = []
     for task in names:
         qdir, idir = subtask_files(root, task)
         if not qdir.is_dir():
-            raise FileNotFoundError(f"{qdir}: MME subtask folder not found")
+            raise InputNotFound(qdir, "MME subtask folder not found", f"subtasks are: {', '.join(SUBTASKS)}")
         for qa in sorted(qdir.glob("*.txt"))[:limit]:
             image = next((idir / (qa.stem + s) for s in IMAGE_SUFFIXES if (idir / (qa.stem + s)).exists()), None)
             if image is None:
-                raise FileNotFoundError(f"{qa}: no image {qa.stem}.jpg/.png beside it in {idir}")
-            for n, line in enumerate(qa.read_text().splitlines(), start=1):
+                raise InputNotFound(qa, f"no image {qa.stem}.jpg/.png beside it in {idir}")
+            for n, line in enumerate(read_text(qa, "MME questions (question<TAB>Yes|No per line)").splitlines(), start=1):
                 if not line.strip():
                     continue
                 parts = line.split("\t")
                 if len(parts) != 2 or parts[1].strip().lower() not in ("yes", "no"):
-                    raise ValueError(f"{qa}:{n}: expected 'question<TAB>Yes|No', got {line[:80]!r}")
+                    raise InputError(f"{qa}:{n}", f"expected 'question<TAB>Yes|No', got {line[:80]!r}")
                 question, gt = parts[0].strip(), parts[1].strip()
                 samples.append(Sample(id=f"{task}/{qa.stem}/{n}", image=str(image), turns=[(prompt_of(question), gt)],
                                       meta={"subtask": task, "image_name": image.name, "question": question, "gt": gt}))
@@ -147,23 +149,23 @@ def score_lines(text: str, where: str) -> dict[str, float]:
     """
     lines = [ln.rstrip("\r") for ln in text.splitlines() if ln.strip()]
     if not lines or len(lines) % 2:
-        raise ValueError(f"{where}: {len(lines)} result lines; MME asks two questions per image (an even number)")
+        raise InputError(where, f"{len(lines)} result lines; MME asks two questions per image (an even number)")
     right = plus = 0
     for i in range(0, len(lines), 2):
         pair = []
         for n, line in enumerate(lines[i:i + 2], start=i + 1):
             parts = line.split("\t")
             if len(parts) != 4:
-                raise ValueError(f"{where}:{n}: {len(parts)} tab-separated fields; expected image, question, "
-                                 f"ground truth, prediction")
+                raise InputError(f"{where}:{n}", f"{len(parts)} tab-separated fields; expected image, question, "
+                                                 "ground truth, prediction")
             image, _, gt, pred = parts
             gt = gt.strip().lower()
             if gt not in ("yes", "no"):
-                raise ValueError(f"{where}:{n}: ground truth {gt!r}; MME's answers are yes or no")
+                raise InputError(f"{where}:{n}", f"ground truth {gt!r}; MME's answers are yes or no")
             pair.append((image, gt == mme_label(pred)))
         if pair[0][0] != pair[1][0]:
-            raise ValueError(f"{where}:{i + 1}-{i + 2}: consecutive lines name different images "
-                             f"({pair[0][0]}, {pair[1][0]}); write both questions of an image together")
+            raise InputError(f"{where}:{i + 1}-{i + 2}", f"consecutive lines name different images "
+                                                         f"({pair[0][0]}, {pair[1][0]}); write both questions of an image together")
         ok = [p[1] for p in pair]
         right += sum(ok)
         plus += all(ok)
@@ -173,7 +175,7 @@ def score_lines(text: str, where: str) -> dict[str, float]:
 
 
 def score_mme_file(path: str | Path) -> dict[str, float]:
-    return score_lines(Path(path).read_text(), str(path))
+    return score_lines(read_text(path, RESULTS), str(path))
 
 
 def score_results(results: dict[str, str], where: str = "") -> dict[str, Any]:
@@ -185,8 +187,8 @@ def score_results(results: dict[str, str], where: str = "") -> dict[str, Any]:
     subtasks = {n: score_lines(results[n], f"{where}{n}.txt") for n in MME_PERCEPTION + MME_COGNITION if n in results}
     missing = [n for n in MME_PERCEPTION + MME_COGNITION if n not in results]
     if not subtasks:
-        raise FileNotFoundError(f"{where or 'results'}: none of the MME subtask files "
-                                f"({', '.join(MME_PERCEPTION + MME_COGNITION)}.txt)")
+        raise InputNotFound(where or "results", f"none of the MME subtask files "
+                                                f"({', '.join(MME_PERCEPTION + MME_COGNITION)}.txt)")
     if missing:
         warnings.warn(f"{where or 'results'}: no results for {', '.join(missing)}; the totals leave them out", stacklevel=2)
     out: dict[str, Any] = {"subtasks": subtasks,
@@ -201,8 +203,8 @@ def score_mme(results_dir: str | Path) -> dict[str, Any]:
     """score_results of a directory of {subtask}.txt files (the eval_tool's layout)."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
-        raise FileNotFoundError(f"{results_dir}: no MME results directory (one {{subtask}}.txt per subtask)")
-    found = {n: (results_dir / f"{n}.txt").read_text() for n in MME_PERCEPTION + MME_COGNITION
+        raise InputNotFound(results_dir, "no MME results directory (one {subtask}.txt per subtask)")
+    found = {n: read_text(results_dir / f"{n}.txt", RESULTS) for n in MME_PERCEPTION + MME_COGNITION
              if (results_dir / f"{n}.txt").exists()}
     return score_results(found, f"{results_dir}/")
 

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from ..data import Sample
 from . import option
-from ..files import atomic_write_bytes, read_json
+from ..files import InputError, InputNotFound, atomic_write_bytes, read_json, read_parquet
 
 OPTIONS = ("A", "B", "C", "D", "E")
 MIN_CHOICES, MAX_CHOICES = 2, len(OPTIONS)
@@ -138,17 +138,22 @@ def parse_answer(text: str, num_choices: int) -> int:
 
 # ---- reading the data -----------------------------------------------------------------------
 def check_problem(pid: str, problem: dict[str, Any]) -> str | None:
-    """Why this problem cannot be used (None when it can)."""
+    """Why this problem cannot be used (None when it can), naming the file it came from."""
+    where = f"{problem['source']}: " if problem.get("source") else ""
+    if not isinstance(problem.get("question"), str):
+        return f"{where}problem {pid}: question is {problem.get('question')!r}; expected text"
     choices = problem.get("choices")
     if not isinstance(choices, list) or not MIN_CHOICES <= len(choices) <= MAX_CHOICES:
         n = len(choices) if isinstance(choices, list) else "no"
-        return f"problem {pid}: {n} choices; ScienceQA problems have {MIN_CHOICES} to {MAX_CHOICES} (options A-E)"
+        return f"{where}problem {pid}: {n} choices; ScienceQA problems have {MIN_CHOICES} to {MAX_CHOICES} (options A-E)"
+    if not all(isinstance(c, str) for c in choices):
+        return f"{where}problem {pid}: choices {choices!r}; expected a list of texts"
     answer = problem.get("answer")
-    if not isinstance(answer, int) or not 0 <= answer < len(choices):
-        return f"problem {pid}: answer index {answer!r} is not one of its {len(choices)} choices (0..{len(choices) - 1})"
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        return f"{where}problem {pid}: answer index {answer!r} is not one of its {len(choices)} choices (0..{len(choices) - 1})"
     path = problem.get("image_path")
     if path is not None and not Path(path).exists():
-        return f"problem {pid}: image file {path} not found (the problem names image {problem.get('image')!r})"
+        return f"{where}problem {pid}: image file {path} not found (the problem names image {problem.get('image')!r})"
     return None
 
 
@@ -162,31 +167,37 @@ def read_problems(root: str | Path, split: str = "test", use_caption: bool = Fal
     elif _parquet_files(root, split):
         problems = _read_parquet(root, split)
     else:
-        raise FileNotFoundError(
-            f"{root}: no ScienceQA data here; expected problems.json + pid_splits.json + images/ (released "
-            f"layout) or {HF_SPLITS.get(split, split)}-*.parquet (Hugging Face release)")
+        raise InputNotFound(
+            root, f"no ScienceQA data here; expected problems.json + pid_splits.json + images/ (released "
+                  f"layout) or {HF_SPLITS.get(split, split)}-*.parquet (Hugging Face release)")
     captions: dict[str, str] = {}
     if use_caption:
         path = Path(caption_file) if caption_file else root / "captions.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: captions file not found; use_caption needs ScienceQA's captions.json "
                                     f"({{\"captions\": {{pid: text}}}}) or set caption_file")
-        captions = read_json(path, "captions {\"captions\": {pid: text}}")["captions"]
+        captions = read_json(path, "captions {\"captions\": {pid: text}}", form=dict).get("captions")
+        if not isinstance(captions, dict):
+            raise InputError(path, "no \"captions\" object; expected {\"captions\": {pid: text}} (ScienceQA's captions.json)")
     for pid, p in problems.items():
         p["caption"] = captions.get(pid, "")
     return problems
 
 
 def _read_released(root: Path, split: str) -> dict[str, dict[str, Any]]:
-    problems = read_json(root / "problems.json", "ScienceQA problems.json {pid: problem}")
+    problems = read_json(root / "problems.json", "ScienceQA problems.json {pid: problem}", form=dict)
     splits_file = root / "pid_splits.json"
     pids = _split_pids(problems, splits_file, split)
     missing = [pid for pid in pids if pid not in problems]
     if missing:
-        raise ValueError(f"{splits_file}: {len(missing)} {split} ids are not in problems.json (e.g. {missing[:3]})")
+        raise InputError(splits_file, f"{len(missing)} {split} ids are not in problems.json (e.g. {missing[:3]})",
+                         "use the pid_splits.json released with that problems.json")
     out = {}
     for pid in pids:
-        p = dict(problems[pid])
+        if not isinstance(problems[pid], dict):
+            raise InputError(root / "problems.json", f"problem {pid} is a {type(problems[pid]).__name__}; "
+                                                     "expected {question, choices, answer, hint, image, ...}")
+        p = dict(problems[pid], source=str(root / "problems.json"))
         # Images live under the split the problem belongs to (trainval/minival name no folder).
         folder = p.get("split") or split
         p["image_path"] = str(root / "images" / folder / pid / p["image"]) if p.get("image") else None
@@ -203,18 +214,16 @@ def _parquet_files(root: Path, split: str) -> list[Path]:
 
 def _read_parquet(root: Path, split: str) -> dict[str, dict[str, Any]]:
     """The Hugging Face release; image bytes go to files once so that samples carry paths."""
-    import pyarrow.parquet as pq
-
     from ..hub import cache_dir
 
     out: dict[str, dict[str, Any]] = {}
     row = 0
     for f in _parquet_files(root, split):
-        table = pq.read_table(f)
+        table = read_parquet(f, "the ScienceQA parquet release")
         need = {"image", "question", "choices", "answer"}
         if not need <= set(table.column_names):
-            raise ValueError(f"{f}: columns {sorted(need - set(table.column_names))} missing; "
-                             f"expected the ScienceQA parquet release ({', '.join(sorted(need))}, hint, subject, grade, ...)")
+            raise InputError(f, f"columns {sorted(need - set(table.column_names))} missing; "
+                                f"expected the ScienceQA parquet release ({', '.join(sorted(need))}, hint, subject, grade, ...)")
         stat = f.stat()
         image_dir = cache_dir() / "scienceqa-parquet" / f"{f.stem}-{stat.st_size}-{int(stat.st_mtime)}"
         for rec in tqdm(table.to_pylist(), desc=f"read {f.name}", unit="problem", mininterval=1.0):
@@ -222,7 +231,7 @@ def _read_parquet(root: Path, split: str) -> dict[str, dict[str, Any]]:
             row += 1
             image = rec.pop("image", None)
             rec = {k: ("" if v is None and k in ("hint", "lecture", "solution") else v) for k, v in rec.items()}
-            rec["split"] = split
+            rec["split"], rec["source"] = split, str(f)
             rec["image"] = "image.png" if image and image.get("bytes") else None
             rec["image_path"] = None
             if rec["image"]:
@@ -249,7 +258,7 @@ def valid_problems(problems: dict[str, dict[str, Any]], skip_invalid: bool = Fal
     bad = [reason for pid, p in problems.items() if (reason := check_problem(pid, p))]
     if bad and not skip_invalid:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise ValueError("; ".join(bad[:3]) + more + ". Fix the data, or set skip_invalid (--skip-invalid) "
+        raise InputError("; ".join(bad[:3]) + more + ". Fix the data, or set skip_invalid (--skip-invalid) "
                          "to leave such problems out (they are then scored as wrong by evaluation)")
     if bad:
         warnings.warn(f"skipping {len(bad)} problems that break a rule, e.g. {bad[0]}", stacklevel=2)
@@ -348,9 +357,30 @@ class ScoreOptions:
 
 
 def score_files(o: ScoreOptions) -> dict[str, Any]:
-    problems = read_json(o.problems, "ScienceQA problems.json")
-    preds = read_json(o.preds, "predictions {pid: choice index}")
-    return score_scienceqa(problems, preds, split_pids_of(o.problems, o.split) if o.split else None)
+    problems = read_json(o.problems, "ScienceQA problems.json {pid: problem}", form=dict)
+    preds = read_json(o.preds, "predictions {pid: choice index} (as ademvl eval scienceqa --out writes)", form=dict)
+    pids = split_pids_of(o.problems, o.split) if o.split else list(preds)
+    if not preds:
+        raise InputError(o.preds, "no predictions (an empty object); expected {pid: choice index}")
+    unknown = [p for p in preds if p not in problems]
+    if unknown:
+        raise InputError(o.preds, f"{len(unknown)} predicted ids are not in {o.problems} (e.g. {unknown[:3]})",
+                         "score against the problems.json the predictions were made for")
+    missing = [p for p in pids if p not in preds]
+    if missing:
+        raise InputError(o.preds, f"{len(missing)} of the {len(pids)} problems of split {o.split!r} have no prediction "
+                                  f"(e.g. {missing[:3]})", "predict all of them, or leave out --split to score only the predicted ones")
+    for pid in pids:
+        v = preds[pid]
+        if isinstance(v, bool) or not isinstance(v, int) or not -1 <= v < MAX_CHOICES:
+            hint = " (a letter: write its index, A = 0)" if isinstance(v, str) and v in OPTIONS else ""
+            raise InputError(o.preds, f"prediction for {pid} is {v!r}{hint}; expected a choice index 0-{MAX_CHOICES - 1}, "
+                                      "-1 = unreadable")
+        p = problems[pid]
+        if not isinstance(p, dict) or isinstance(p.get("answer"), bool) or not isinstance(p.get("answer"), int):
+            raise InputError(o.problems, f"problem {pid} has no answer index; expected {{question, choices, answer: "
+                                         "index, ...}")
+    return score_scienceqa(problems, preds, pids if o.split else None)
 
 
 # ---- forced choice: what the model prefers, whatever the answer's form ---------------------
@@ -460,18 +490,20 @@ def format_scores(scores: dict[str, float | None], name: str = "") -> str:
 def split_pids_of(problems_file: str | Path, split: str) -> list[str]:
     """The ids of a split: pid_splits.json beside problems.json, else the problems' `split` field."""
     problems_file = Path(problems_file)
-    problems = read_json(problems_file, "ScienceQA problems.json {pid: problem}")
+    problems = read_json(problems_file, "ScienceQA problems.json {pid: problem}", form=dict)
     return _split_pids(problems, problems_file.with_name("pid_splits.json"), split)
 
 
 def _split_pids(problems: dict[str, Any], splits_file: Path, split: str) -> list[str]:
     if splits_file.exists():
-        splits = read_json(splits_file, "ScienceQA pid_splits.json {split: [pid, ...]}")
+        splits = read_json(splits_file, "ScienceQA pid_splits.json {split: [pid, ...]}", form=dict)
         if split not in splits:
-            raise ValueError(f"{splits_file}: no split {split!r}; it has {', '.join(splits)}")
+            raise InputError(splits_file, f"no split {split!r}; it has {', '.join(splits)}")
+        if not isinstance(splits[split], list):
+            raise InputError(splits_file, f"split {split!r} is a {type(splits[split]).__name__}; expected a list of pids")
         return [str(p) for p in splits[split]]
-    pids = [pid for pid, p in problems.items() if p.get("split") == split]  # each problem's own `split` field
+    pids = [pid for pid, p in problems.items() if isinstance(p, dict) and p.get("split") == split]  # each problem's own `split` field
     if not pids:
-        raise ValueError(f"{splits_file.parent / 'problems.json'}: no problem has split {split!r} "
+        raise InputError(splits_file.parent / "problems.json", f"no problem has split {split!r} "
                          "and there is no pid_splits.json beside it")
     return pids
