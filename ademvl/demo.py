@@ -141,36 +141,30 @@ def plot_loss(log: Path, path: Path) -> None:
 def drop_decisions(model: AdemVLModel, samples: list, layers: list[int]) -> list[dict[str, Any]]:
     """For each sample, which visual tokens the last prompt token drops at the given layers.
 
-    Runs the model on the prompt, catches h_n = ffn_norm(h) at each chosen layer's MLP and the
-    visual keys, and applies the fusion's own rule (`fusion.weakest`): the floor(gamma N) smallest
-    scores of the row are dropped. Returns per sample {layer: (N,) bool}.
+    Runs the model on the prompt, catches h_n = ffn_norm(h) at each chosen layer's MLP with the
+    act(K) the memory holds meanwhile (`memory.keys`), and applies the fusion's own rule
+    (`fusion.drop_mask`). Returns per sample {layer: (N,) bool}.
     """
-    from .fusion import num_dropped, qk_activation, weakest
+    from .fusion import drop_mask, qk_activation
 
     model.eval()
-    caught: dict[int, torch.Tensor] = {}
-    keys: list[torch.Tensor] = []
+    caught: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (h_n of the last token (B, d), act(K) (B, N, d))
     mods = decoder_layers(model.llm)
-    hooks = [mods[i].mlp.register_forward_hook(lambda m, a, o, i=i: caught.__setitem__(i, a[0][:, -1].clone()))
-             for i in layers]
-    hooks.append(mods[0].mlp.register_forward_hook(lambda m, a, o: keys.append(model.memory.keys.clone())))
+    hooks = [mods[i].mlp.register_forward_hook(
+        lambda m, a, o, i=i: caught.__setitem__(i, (a[0][:, -1].clone(), model.memory.keys))) for i in layers]
     try:
         batch = model.processor(samples, train=False)
         model(**{k: v.to(model.pos_k.device) for k, v in batch.items() if k != "labels"})
     finally:
         for h in hooks:
             h.remove()
-    k_act = keys[0]  # (B, N, d), act(K) as the fast path stores it
-    n_drop = num_dropped(k_act.shape[1], model.config.drop_ratio)
     out = []
     for b in range(len(samples)):
         per_layer = {}
         for i in layers:
-            scores = qk_activation(caught[i][b : b + 1, None], model.config.qk_act) @ k_act[b : b + 1].transpose(1, 2)
-            idx, drop = weakest(scores, n_drop)  # (1, 1, k+1)
-            mask = torch.zeros(k_act.shape[1], dtype=torch.bool)
-            mask[idx[0, 0][drop[0, 0]]] = True
-            per_layer[i] = mask
+            h_n, k_act = caught[i]
+            scores = qk_activation(h_n[b : b + 1, None], model.config.qk_act) @ k_act[b : b + 1].transpose(1, 2)  # (1, 1, N)
+            per_layer[i] = drop_mask(scores, model.config.drop_ratio)[0, 0].cpu()
         out.append(per_layer)
     return out
 

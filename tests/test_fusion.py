@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ademvl.fusion import VisualMemory, adaptive_drop, fuse, fuse_reference, num_dropped, qk_activation
+from ademvl.bench.baselines import fuse_released
+from ademvl.fusion import VisualMemory, adaptive_drop, drop_mask, fuse, num_dropped, qk_activation
 
 
 def direct(h_n: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
@@ -33,7 +34,7 @@ def test_fuse_equals_the_equations() -> None:
     expected = direct(h, k, v, alpha=0.1, gamma=0.1)
     k_act = qk_activation(k, "silu")
     torch.testing.assert_close(fuse(h, k_act, v, 0.1, 0.1, "silu").double(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fuse_reference(h, k, v, 0.1, 0.1, "silu").double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fuse_released(h, k, v, 0.1, 0.1, "silu").double(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("gamma,n,expected", [(0.1, 320, 32), (0.1, 20, 2), (0.25, 7, 1), (0.0, 320, 0), (0.5, 3, 1)])
@@ -56,7 +57,7 @@ def test_fast_and_reference_paths_agree_on_every_activation() -> None:
     h, k, v = torch.randn(2, 9, 16), torch.randn(2, 40, 16), torch.randn(2, 40, 16)
     for act in ("silu", "none", "relu", "elu", "softmax", "silu_positive"):
         fast = fuse(h, qk_activation(k, act), v, 0.1, 0.1, act)
-        ref = fuse_reference(h, k, v, 0.1, 0.1, act)
+        ref = fuse_released(h, k, v, 0.1, 0.1, act)
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -70,21 +71,45 @@ def test_qk_activations() -> None:
         qk_activation(x, "tanh")
 
 
-def test_memory_hook_adds_fusion_to_mlp_output() -> None:
-    """The hook turns MLP(h_n) into MLP(h_n) + alpha * A @ V, and is a no-op with no memory."""
+def test_memory_hook_adds_fusion_to_mlp_output_while_held() -> None:
+    """Inside `holding`, MLP(h_n) becomes MLP(h_n) + alpha * A @ V; before and after it, plain MLP(h_n)."""
     torch.manual_seed(0)
     mlp = torch.nn.Linear(8, 8)
     mem = VisualMemory(alpha=0.1, drop_ratio=0.1, qk_act="silu")
     mlp.register_forward_hook(mem.mlp_hook)
     h, k, v = torch.randn(2, 4, 8), torch.randn(2, 20, 8), torch.randn(2, 20, 8)
     plain = mlp(h)
-    mem.set(k, v)
-    fused = mlp(h)
+    with mem.holding(k, v):
+        fused = mlp(h)
+        torch.testing.assert_close(mem.keys, F.silu(k))  # act(K), the documented read for drop maps
     torch.testing.assert_close(fused.double(), plain.double() + direct(h, k, v, 0.1, 0.1), rtol=1e-5, atol=1e-6)
-    mem.expand(3)  # beams: each sample repeated
-    assert mem.keys.shape == (6, 20, 8) and torch.equal(mem.values[3], v[1])
-    mem.clear()
-    assert torch.equal(mlp(h), plain)
+    assert mem.keys is None and mem.values is None and torch.equal(mlp(h), plain)
+
+
+def test_memory_repeats_each_sample_for_beams() -> None:
+    mem = VisualMemory(alpha=0.1, drop_ratio=0.1, qk_act="silu")
+    k, v = torch.randn(2, 20, 8), torch.randn(2, 20, 8)
+    with mem.holding(k, v, repeat=3):  # as generate() expands beams: each sample repeated
+        assert mem.keys.shape == (6, 20, 8) and torch.equal(mem.values[3], v[1]) and torch.equal(mem.values[2], v[0])
+    assert mem.keys is None
+
+
+def test_memory_is_cleared_when_the_call_fails() -> None:
+    mem = VisualMemory(alpha=0.1, drop_ratio=0.1, qk_act="silu")
+    with pytest.raises(RuntimeError, match="boom"), mem.holding(torch.randn(1, 4, 2), torch.randn(1, 4, 2)):
+        raise RuntimeError("boom")
+    assert mem.keys is None and mem.values is None
+
+
+def test_drop_mask_is_the_rule_fuse_applies() -> None:
+    """drop_mask marks what fuse drops: fuse equals the undropped product with those scores zeroed."""
+    torch.manual_seed(0)
+    h, k, v = torch.randn(2, 5, 8), torch.randn(2, 30, 8), torch.randn(2, 30, 8)
+    scores = F.silu(h) @ F.silu(k).transpose(1, 2)  # (B, T, N)
+    mask = drop_mask(scores, 0.1)
+    assert mask.sum(-1).eq(3).all()
+    expected = 0.1 * scores.masked_fill(mask, 0.0) @ v
+    torch.testing.assert_close(fuse(h, F.silu(k), v, 0.1, 0.1, "silu"), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -103,6 +128,6 @@ def test_hand_written_backward_matches_autograd_of_the_reference(with_residual: 
 
     res = r if with_residual else None
     fast = grads(lambda: fuse(h, qk_activation(k, "silu"), v, 0.1, 0.1, "silu", residual=res))
-    ref = grads(lambda: fuse_reference(h, k, v, 0.1, 0.1, "silu") + (r if with_residual else 0))
+    ref = grads(lambda: fuse_released(h, k, v, 0.1, 0.1, "silu") + (r if with_residual else 0))
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
