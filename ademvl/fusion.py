@@ -6,30 +6,24 @@ At every decoder layer's feed-forward block, with h_n = ffn_norm(h) the MLP inpu
     A   = drop the floor(gamma*N) weakest entries of every row       (adaptive fusion, `weakest`)
     out = h + FFN(h_n) + alpha * A @ V
 
-K and V do not depend on the layer (the position tables are shared), so act(K) is made once per
-forward, when `VisualMemory.holding(K, V)` starts, and read by every layer's MLP hook.
-
-Why this is faster than the released code (ademvl.bench.baselines.fuse_released, measured by
-`ademvl bench`): act(K) once per forward, not once per layer; the threshold by a partial
-selection (topk of the k+1 smallest; a full sort of 320 entries costs ~4x more on CPU); only
-the k+1 candidates of each row are touched, in forward and in the hand-written backward, which
-saves (B, T, k+1) indices instead of a (B, T, N) mask; the MLP output is added by the matmul.
+K and V do not depend on the layer, so act(K) is made once per forward (`VisualMemory.holding`).
+Faster than the released code (ademvl.bench.baselines.fuse_released): the threshold by a partial
+selection (topk of k+1, not a sort), only the k+1 candidates of a row touched in forward and in the
+hand-written backward, the MLP output added by the matmul; a decode step reads V factored.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 SILU_MIN = 0.27846454276  # -min_x silu(x); shifts silu to be >= 0 for the "silu_positive" ablation
-# A baseline's fusion (ademvl.bench.baselines): (h_n, raw K, V, alpha, drop_ratio, qk_act) -> (B, T, d)
-Fusion = Callable[[Tensor, Tensor, Tensor, float, float, str], Tensor]
-
-
+Fusion = Callable[[Tensor, Tensor, Tensor, float, float, str], Tensor]  # a baseline's: (h_n, raw K, V, ...)
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {  # the paper's ablation of the query/key nonlinearity
     "silu": F.silu, "none": lambda x: x, "relu": F.relu, "elu": F.elu,
     "softmax": lambda x: torch.softmax(x, dim=-1),  # over the features: each row a distribution
@@ -51,25 +45,17 @@ def num_dropped(n_visual: int, drop_ratio: float) -> int:
 
 @torch.no_grad()
 def weakest(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The drop rule: the k+1 smallest entries of every row, and which of them are dropped.
-
-    Returns idx (B, T, k+1), the positions of the k+1 smallest values, and drop (B, T, k+1), True
-    where the value lies strictly below the (k+1)-th smallest one (the threshold a full sort finds).
-    Every entry below the threshold is among the k+1 smallest, so this is that drop set exactly,
-    ties included; with distinct scores it holds exactly k entries.
-    """
+    """The drop rule: idx (B, T, k+1), the k+1 smallest entries of every row, and drop (B, T, k+1),
+    True below the (k+1)-th smallest value: the threshold a full sort finds, ties included (with
+    distinct scores exactly k entries)."""
     vals, idx = scores.topk(k + 1, dim=-1, largest=False, sorted=False)  # (B, T, k+1)
     return idx, vals < vals.amax(dim=-1, keepdim=True)
 
 
 def drop_mask(scores: Tensor, drop_ratio: float) -> Tensor:
     """(B, T, N) bool, True at the entries the fusion drops (`weakest`): for drop maps and checks."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    k = num_dropped(scores.shape[-1], drop_ratio)
-    if k == 0:
-        return mask
-    idx, drop = weakest(scores, k)
-    return mask.scatter_(-1, idx, drop)
+    mask, k = torch.zeros_like(scores, dtype=torch.bool), num_dropped(scores.shape[-1], drop_ratio)
+    return mask.scatter_(-1, *weakest(scores, k)) if k else mask
 
 
 def adaptive_drop(scores: Tensor, drop_ratio: float) -> Tensor:
@@ -82,14 +68,20 @@ def _zero_dropped_(x: Tensor, idx: Tensor, drop: Tensor) -> Tensor:
     return x.scatter_(-1, idx, x.gather(-1, idx).masked_fill_(drop, 0.0))
 
 
-def _attend(q: Tensor, k_act: Tensor, v: Tensor, residual: Tensor | None, alpha: float,
-            n_drop: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """residual + alpha * drop(q @ k_act^T) @ v, and what backward needs (scores, idx, drop)."""
+def _scores(q: Tensor, k_act: Tensor, n_drop: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """A = drop(q @ k_act^T) (B, T, N), and the (B, T, k+1) candidates and drop flags."""
     scores = torch.bmm(q, k_act.transpose(1, 2))  # (B, T, d) @ (B, d, N) -> (B, T, N)
     idx = drop = None
     if n_drop > 0:
         idx, drop = weakest(scores, n_drop)  # (B, T, k+1) each
         _zero_dropped_(scores, idx, drop)
+    return scores, idx, drop
+
+
+def _attend(q: Tensor, k_act: Tensor, v: Tensor, residual: Tensor | None, alpha: float,
+            n_drop: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """residual + alpha * drop(q @ k_act^T) @ v, and what backward needs (scores, idx, drop)."""
+    scores, idx, drop = _scores(q, k_act, n_drop)
     if residual is None:
         return torch.bmm(scores, v).mul_(alpha), scores, idx, drop  # (B, T, N) @ (B, N, d) -> (B, T, d)
     return torch.baddbmm(residual, scores, v, alpha=alpha), scores, idx, drop  # residual + alpha A @ V
@@ -139,59 +131,92 @@ def fuse(h_n: Tensor, k_act: Tensor, v: Tensor, alpha: float, drop_ratio: float,
                              alpha, n_drop)
 
 
+@dataclass
+class LowRankValues:
+    """V = coef @ basis^T + E_v. Xv = V - E_v = gate beta (H W2^T + b2) (step 3) lies in the span of
+    [W2 | b2]: basis (d, r) orthonormal over it, r = hidden_proj + 1; coef_t (B, r, N), stored
+    transposed so that A @ coef is a row-contiguous matrix-vector product; table E_v (N, d)."""
+
+    coef_t: Tensor
+    basis: Tensor
+    table: Tensor
+
+    @classmethod
+    def of(cls, v: Tensor, table: Tensor, span: Tensor) -> "LowRankValues":
+        basis = torch.linalg.qr(span.float()).Q.to(v.dtype)  # (d, r), orthonormal columns
+        return cls(((v - table) @ basis).transpose(1, 2).contiguous(), basis, table)  # (B, r, N)
+
+
+@torch.no_grad()
+def fuse_low_rank(h_n: Tensor, k_act: Tensor, v: LowRankValues, alpha: float, drop_ratio: float, qk_act: str,
+                  residual: Tensor | None = None) -> Tensor:
+    """`fuse` with V factored: A @ V = (A @ coef) @ basis^T + A @ E_v, equal up to rounding. Reads
+    coef (B, N, r) instead of V (B, N, d); basis and E_v once for the whole batch (decoding)."""
+    q, n_drop = qk_activation(h_n, qk_act), num_dropped(k_act.shape[1], drop_ratio)
+    scores = torch.bmm(k_act, q.transpose(1, 2)).transpose(1, 2)  # (B, N, d) @ (B, d, T): row-contiguous, 2x faster
+    if n_drop > 0:
+        _zero_dropped_(scores, *weakest(scores, n_drop))  # (B, T, N)
+    b, t, n = scores.shape
+    z = torch.bmm(v.coef_t, scores.transpose(1, 2)).transpose(1, 2).reshape(b * t, -1)  # (B, r, N) @ (B, N, T)
+    out = torch.addmm(z @ v.basis.T, scores.reshape(b * t, n), v.table).view(b, t, -1)  # + A @ E_v, (N, d) once
+    return out.mul_(alpha) if residual is None else residual.add(out, alpha=alpha)
+
+
 class VisualMemory(nn.Module):
-    """act(K) and V of the batch in hand, read by every decoder layer's MLP hook; no parameters.
+    """act(K) and V of the batch in hand, read by every decoder layer's MLP hook (no parameters),
+    which turns the MLP output into FFN(h_n) + alpha * A @ V without a change to the base model.
+    Held only inside `with memory.holding(K, V):` around the LLM call; outside it the hooks do
+    nothing. While held, `memory.keys` is act(K) (B, N, d) and `memory.values` V: what drop maps read.
 
-    The hook turns each layer's MLP output into FFN(h_n) + alpha * A @ V, with no change to the
-    base model's code. The memory is held only inside `with memory.holding(K, V):` around the
-    LLM call; outside it the hooks do nothing, so the LLM alone is the base model. While held,
-    `memory.keys` is act(K) (B, N, d) and `memory.values` is V: what a drop map reads.
-
-    fusion: None for ADEM-VL's `fuse`; a baseline's `Fusion` (ademvl.bench.baselines) instead
-    gets the raw K in every layer, as its code does.
-    """
+    fusion: None for ADEM-VL's `fuse`; a baseline's (ademvl.bench.baselines) gets the raw K instead.
+    A decode step (one new token, no gradient) reads V factored (`fuse_low_rank`) when `holding`
+    has a value_span of rank below d."""
 
     def __init__(self, alpha: float, drop_ratio: float, qk_act: str, fusion: Fusion | None = None) -> None:
         super().__init__()
         self.alpha, self.drop_ratio, self.qk_act, self.fusion = alpha, drop_ratio, qk_act, fusion
         self.keys: Tensor | None = None  # (B, N, d): act(K), or the raw K for a baseline's fusion
         self.values: Tensor | None = None  # (B, N, d)
+        self._span: tuple[Tensor, Tensor] | None = None  # (E_v (N, d), [W2 | b2] (d, r))
+        self._low_rank: LowRankValues | None = None  # made from them at the first decode step
         self._fuse: Callable[..., Tensor] = fuse
 
     @contextlib.contextmanager
-    def holding(self, k: Tensor, v: Tensor, repeat: int = 1) -> Iterator["VisualMemory"]:
-        """Hold this batch's K, V (B, N, d) for the LLM calls in the block; act(K) is made here, once.
-
-        repeat: each sample's memory that many times, as generate() expands beams / return sequences.
-        """
+    def holding(self, k: Tensor, v: Tensor, repeat: int = 1,
+                value_span: tuple[Tensor, Tensor] | None = None) -> Iterator["VisualMemory"]:
+        """Hold K, V (B, N, d) for the LLM calls in the block; act(K) is made here, once. repeat: each
+        sample that many times (generate()'s beams); value_span: (E_v, [W2 | b2]) of `LowRankValues`."""
         keys = k if self.fusion is not None else qk_activation(k, self.qk_act)
         if repeat > 1:
             keys, v = keys.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
-        with self._held(keys, v):
+        low_rank = value_span is not None and self.fusion is None and value_span[1].shape[1] < v.shape[-1]
+        with self._held(keys, v, value_span if low_rank else None):
             yield self
 
     @contextlib.contextmanager
-    def _held(self, keys: Tensor | None, values: Tensor | None) -> Iterator["VisualMemory"]:
-        before = self.keys, self.values
-        self.keys, self.values = keys, values
+    def _held(self, keys: Tensor | None, values: Tensor | None, span=None) -> Iterator["VisualMemory"]:
+        before = self.keys, self.values, self._span, self._low_rank
+        self.keys, self.values, self._span, self._low_rank = keys, values, span, None
         try:
             yield self
         finally:
-            self.keys, self.values = before
+            self.keys, self.values, self._span, self._low_rank = before
 
     def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        """`context_fn` of torch.utils.checkpoint: the layer's recomputation in backward (after the
-        `holding` block has ended) holds the very tensors its forward read."""
+        """torch.utils.checkpoint's context_fn: a layer recomputed in backward holds what its forward read."""
         return contextlib.nullcontext(), self._held(self.keys, self.values)
 
     def compile(self, **compile_kwargs) -> "VisualMemory":
-        """Run `fuse` through torch.compile. Static shapes by default: the hand-written backward does
-        not trace with dynamic=True on torch 2.13 (prefill and decode then compile once each)."""
+        """`fuse` through torch.compile; static shapes: the backward does not trace with dynamic=True."""
         self._fuse = torch.compile(fuse, **{"dynamic": False, **compile_kwargs})
         return self
 
     def forward(self, h_n: Tensor, residual: Tensor | None = None) -> Tensor:
         """The fusion term for h_n (B, T, d); plus `residual` when given."""
+        if self._span is not None and h_n.shape[1] == 1 and not torch.is_grad_enabled():  # a decode step
+            if self._low_rank is None:
+                self._low_rank = LowRankValues.of(self.values, *self._span)
+            return fuse_low_rank(h_n, self.keys, self._low_rank, self.alpha, self.drop_ratio, self.qk_act, residual)
         if self.fusion is None:
             return self._fuse(h_n, self.keys, self.values, self.alpha, self.drop_ratio, self.qk_act, residual)
         out = self.fusion(h_n, self.keys, self.values, self.alpha, self.drop_ratio, self.qk_act)

@@ -203,6 +203,12 @@ class AdemVLModel(nn.Module):
         keys, values, cls_emb = self.encode_images(pixel_values, image_mask)
         return self.embed(input_ids, cls_emb), keys, values
 
+    def value_span(self) -> tuple[Tensor, Tensor]:
+        """(E_v (N, d), [W2 | b2] (d, hidden_proj + 1)): V - E_v lies in the span of the projector's
+        last layer (step 3), so a decode step reads V factored (fusion.LowRankValues)."""
+        fc2 = self.proj.fc2
+        return self.pos_v.detach(), torch.cat([fc2.weight, fc2.bias[:, None]], dim=1).detach()
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
                 image_mask: Tensor | None = None, labels: Tensor | None = None, loss_only: bool = False, **kwargs: Any):
         """Returns the LLM's CausalLMOutput; with labels, loss over the target tokens only.
@@ -237,7 +243,7 @@ class AdemVLModel(nn.Module):
         inputs_embeds, keys, values = self.prepare(input_ids, pixel_values, image_mask)
         expand = generate_kwargs.get("num_beams", 1) * generate_kwargs.get("num_return_sequences", 1)
         generate_kwargs.setdefault("pad_token_id", self.processor.pad if self.tokenizer is not None else None)
-        with self.memory.holding(keys, values, repeat=expand):
+        with self.memory.holding(keys, values, repeat=expand, value_span=self.value_span()):
             return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
 
     def answer(self, images: list[Any], prompts: list[str], max_new_tokens: int = 32, **kwargs: Any) -> list[str]:

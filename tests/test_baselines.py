@@ -228,3 +228,27 @@ def test_unknown_method_is_named(base) -> None:
     with pytest.raises(ValueError, match="unknown method"):
         build_peers(llm, vision, CONFIG, methods=("adem-vl", "flamingo"))
     assert METHODS == ("text-only", "adem-vl", "adem-vl-reference", "memvp", "llava")
+
+
+def test_low_rank_decoding_gives_the_tokens_of_full_forwards(base) -> None:
+    """hidden_proj 8 < d 64: cached steps read V factored (rank 9); the greedy tokens are those of
+    full forwards without a cache, which read it dense."""
+    llm, vision = base
+    peer = build_peer("adem-vl", twin(llm), twin(vision), CONFIG.replace(hidden_proj=8)).eval()
+    perturb(peer)
+    b = batch(llm)
+    inputs = {k: v for k, v in b.items() if k != "labels"}
+    x = peer.inputs(**inputs)
+    with torch.no_grad(), x.memory:
+        token, mask, past = peer.prefill(x)
+        steps = [token]
+        for _ in range(3):
+            token, mask, past = peer.decode_step(token, mask, past)
+            steps.append(token)
+        assert peer.model.memory._low_rank is not None and peer.model.memory._low_rank.coef_t.shape[1] == 9
+    ids = b["input_ids"]
+    with torch.no_grad():
+        for _ in range(4):
+            logits = peer(ids, torch.ones_like(ids), b["pixel_values"], b["image_mask"]).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(torch.cat(steps, dim=1), ids[:, -4:])

@@ -190,6 +190,7 @@ def test_cli_subset_without_fusion(tmp_path) -> None:
     (dict(new_tokens=1), "--new-tokens 1: need at least 2"),
     (dict(methods=["adem-vl", "lavin"]), "--methods adem-vl lavin: choose among text-only"),
     (dict(dtype="fp8"), "--dtype fp8"),
+    (dict(clock="tsc"), "--clock tsc: choose one of wall, cpu"),
     (dict(compile=True, warmup=0), "--compile needs --warmup >= 1"),
 ])
 def test_bad_settings_are_named(tmp_path, change: dict, match: str) -> None:
@@ -240,3 +241,11 @@ def test_flops_at_full_depth_from_two_shallow_models(tmp_path) -> None:
     assert args.func(args) == 0
     assert json.loads((tmp_path / "f" / "flops.json").read_text()) == rows
     assert "| ADEM-VL (ours) |" in (tmp_path / "f" / "flops.md").read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh)")
+def test_bench_runs_on_cuda_in_bf16(tmp_path) -> None:
+    rows = run_bench(BenchSettings(**{**RUN, "device": "cuda", "dtype": "bf16"}), tmp_path, progress=False)
+    assert [r["method"] for r in rows] == list(METHODS)
+    assert all(r["device"].startswith("GPU ") and r["peak_mem_mb"] > 0 for r in rows)
+    assert rows[1]["fusion_same_drops"] is True

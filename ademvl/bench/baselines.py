@@ -106,7 +106,8 @@ class AdemPeer(Peer):
             attention_mask = insert_after_bos(attention_mask, 1)
             labels = None if labels is None else insert_after_bos(labels, IGNORE_INDEX)
         embeds, keys, values = self.model.prepare(input_ids, pixel_values, image_mask)
-        return Inputs(embeds, attention_mask, labels, self.model.memory.holding(keys, values))
+        memory = self.model.memory.holding(keys, values, value_span=self.model.value_span())
+        return Inputs(embeds, attention_mask, labels, memory)
 
     def train(self, mode: bool = True) -> "AdemPeer":
         super().train(mode)

@@ -35,6 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fusion-layers", type=int, default=None, help="layers in the fusion micro-benchmark (default: the LLM's)")
     p.add_argument("--seed", type=int, default=D.seed)
     p.add_argument("--profile", action="store_true", help="also write profile.txt: top ops of one training step per method")
+    p.add_argument("--clock", choices=("wall", "cpu"), default=D.clock,
+                   help="wall seconds, or this process's CPU seconds (steadier on a shared machine; use 1 thread)")
     p.add_argument("--flops-only", action="store_true",
                    help="only FLOPs per new token and parameter counts at the LLM's full depth, from 1- and 2-layer "
                         "models of its width (a 7B shape on a CPU); writes flops.json and flops.md")

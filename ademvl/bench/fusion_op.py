@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..config import AdemVLConfig
-from ..fusion import drop_mask, fuse, num_dropped, qk_activation
+from ..fusion import LowRankValues, drop_mask, fuse, fuse_low_rank, num_dropped, qk_activation
 from .baselines import fuse_released, released_drop_mask
 from .measure import rounds, timed
 
@@ -19,7 +20,7 @@ from .measure import rounds, timed
 def fusion_bench(batch: int, text_len: int, n_visual: int, d: int, layers: int, config: AdemVLConfig,
                  repeats: int = 5, warmup: int = 1, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, compile: bool = False, seed: int = 0,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
     """Our fused path against the released code's, forward + backward through `layers` layers.
 
     Each layer gets its own h_n and MLP output (B, T, d); all share the keys and values (B, N, d),
@@ -63,9 +64,9 @@ def fusion_bench(batch: int, text_len: int, n_visual: int, d: int, layers: int, 
     fwd_times: dict[str, list[float]] = {p: [] for p in paths}
     bar = tqdm(total=(warmup + repeats) * len(paths), desc="fusion op", unit="run", disable=not progress, leave=False)
     for r, name in rounds(list(paths), warmup, repeats):
-        t = timed(lambda name=name: fwd_bwd(paths[name]), device)
+        t = timed(lambda name=name: fwd_bwd(paths[name]), device, clock)
         with torch.no_grad():
-            tf = timed(paths[name], device)
+            tf = timed(paths[name], device, clock)
         if r >= warmup:
             times[name].append(t)
             fwd_times[name].append(tf)
@@ -100,4 +101,57 @@ def fusion_bench(batch: int, text_len: int, n_visual: int, d: int, layers: int, 
     if compile:
         out["fusion_compiled_fwd_bwd_s"] = med["compiled"]
         out["fusion_compiled_fwd_s"] = fwd["compiled"]
+    return out
+
+
+@torch.no_grad()
+def decode_bench(batch: int, text_len: int, n_visual: int, d: int, hidden: int, layers: int, config: AdemVLConfig,
+                 repeats: int = 5, warmup: int = 1, device: torch.device | str = "cpu", seed: int = 0,
+                 progress: bool = True, clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    """The fusion of one cached decode step (T = 1) and of a prefill (T = text_len) through `layers`
+    layers, V read dense (B, N, d) or factored (`fuse_low_rank`, rank hidden + 1), act(K) and V
+    stored in fp32 or bf16. Returns the median seconds of each and the bf16 conversion's cost."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g).to(device)
+
+    a, gamma, act = config.alpha, config.drop_ratio, config.qk_act
+    span = torch.cat([rand(d, hidden) / hidden**0.5, rand(d, 1)], dim=1)  # [W2 | b2]
+    e_v = rand(n_visual, d) * 0.02
+    v = config.beta * (torch.nn.functional.silu(rand(batch, n_visual, hidden + 1)) @ span.T) + e_v  # (B, N, d)
+    k_act = qk_activation(rand(batch, n_visual, d), act)
+    low = LowRankValues.of(v, e_v, span)
+    steps = {t: ([rand(batch, t, d) for _ in range(layers)], [rand(batch, t, d) for _ in range(layers)])
+             for t in (1, text_len)}
+    bf = torch.bfloat16
+    low_bf = LowRankValues(low.coef_t.to(bf), low.basis.to(bf), low.table.to(bf))
+
+    def run(t: int, values: Any, k: Tensor, dtype: torch.dtype) -> None:
+        f = fuse_low_rank if isinstance(values, LowRankValues) else fuse
+        for hn, m in zip(*steps[t]):
+            f(hn.to(dtype), k, values, a, gamma, act, m.to(dtype))
+
+    paths: dict[str, Callable[[], None]] = {
+        "decode_dense": lambda: run(1, v, k_act, torch.float32),
+        "decode_low_rank": lambda: run(1, low, k_act, torch.float32),
+        "prefill_dense": lambda: run(text_len, v, k_act, torch.float32),
+        "prefill_low_rank": lambda: run(text_len, low, k_act, torch.float32),
+        "factor_once": lambda: LowRankValues.of(v, e_v, span),
+        "to_bf16_once": lambda: (k_act.to(bf), v.to(bf)),
+    }
+    v_bf, k_bf = v.to(bf), k_act.to(bf)  # stored once per generation (timed as to_bf16_once)
+    paths["decode_dense_bf16"] = lambda: run(1, v_bf, k_bf, bf)
+    paths["decode_low_rank_bf16"] = lambda: run(1, low_bf, k_bf, bf)
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    bar = tqdm(total=(warmup + repeats) * len(paths), desc="decode fusion", unit="run", disable=not progress, leave=False)
+    for r, name in rounds(list(paths), warmup, repeats):
+        t = timed(paths[name], device, clock)
+        if r >= warmup:
+            times[name].append(t)
+        bar.update()
+    bar.close()
+    out: dict[str, Any] = {f"fusion_{p}_s": statistics.median(ts) for p, ts in times.items()}
+    out["decode_fusion_shape"] = f"B={batch} T=1 (prefill T={text_len}) N={n_visual} d={d} rank={hidden + 1} layers={layers}"
     return out

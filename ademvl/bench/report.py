@@ -87,7 +87,8 @@ def _table(rows: list[dict[str, Any]], command: str) -> list[str]:
         f"- LLM {s['llm']} (frozen); {_vision_note(s['vision'])}.",
         f"- Batch {s['batch']}, text {s['text_len']} tokens, scales {tuple(s['scales'])}; greedy generation of "
         f"{s['new_tokens']} new tokens with the KV cache; {s['repeats']} timed round(s) after {s['warmup']} warm-up, "
-        "methods interleaved, medians.",
+        "methods interleaved, medians" + ("; times are process CPU seconds (`--clock cpu`), not wall seconds."
+                                          if s.get("clock") == "cpu" else "."),
         f"- Command: `{command}`",
         "",
         "| Method | Trainable params | Extra input tokens | Training (s/batch) | Inference (s/batch) | "
@@ -143,6 +144,20 @@ def _fusion_op(f: dict[str, Any] | None) -> list[str]:
             f"Same outputs: {'yes' if f['fusion_same_outputs'] else 'NO'} (largest difference "
             f"{f['fusion_max_rel_diff_out']:.1e} of the outputs' scale, {f['fusion_max_rel_diff_grad']:.1e} of the "
             f"gradients'); same drop decisions: {'yes' if f['fusion_same_drops'] else 'NO'}.",
+        ]
+    if f is not None and "fusion_decode_dense_s" in f:
+        ms = {k: f[f"fusion_{k}_s"] * 1e3 for k in ("decode_dense", "decode_low_rank", "decode_dense_bf16",
+                                                    "decode_low_rank_bf16", "prefill_dense", "prefill_low_rank")}
+        lines += [
+            "", "## Decode: V dense or factored (`fuse_low_rank`), stored in fp32 or bf16", "",
+            f"The fusion alone through all layers, {f['decode_fusion_shape']}; medians, ms.", "",
+            "| Step | V dense, fp32 | V factored, fp32 | V dense, bf16 | V factored, bf16 |", "|---|---:|---:|---:|---:|",
+            f"| decode (one new token) | {ms['decode_dense']:.2f} | {ms['decode_low_rank']:.2f} | "
+            f"{ms['decode_dense_bf16']:.2f} | {ms['decode_low_rank_bf16']:.2f} |",
+            f"| prefill (the prompt) | {ms['prefill_dense']:.2f} | {ms['prefill_low_rank']:.2f} | – | – |", "",
+            f"Once per generation: factoring V {f['fusion_factor_once_s'] * 1e3:.2f} ms, converting act(K) and V to "
+            f"bf16 {f['fusion_to_bf16_once_s'] * 1e3:.2f} ms. The model decodes with V factored in its own dtype and "
+            "prefills and trains with V dense.",
         ]
     return lines
 

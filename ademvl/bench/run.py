@@ -16,8 +16,8 @@ from .. import hub
 from ..config import AdemVLConfig
 from .baselines import METHODS, build_peers
 from .flops import flops_per_token
-from .fusion_op import fusion_bench
-from .measure import describe_machine, generation_times, interleaved, peak_memory, profile_step, timed, train_step
+from .fusion_op import decode_bench, fusion_bench
+from .measure import CLOCKS, describe_machine, generation_times, interleaved, peak_memory, profile_step, timed, train_step
 from .peer import make_batch
 from .report import write_outputs
 
@@ -48,6 +48,7 @@ class BenchSettings:
     fusion_layers: int | None = None  # layers in it (None: the LLM's)
     seed: int = 0
     profile: bool = False  # also write profile.txt: top ops of one training step per method
+    clock: str = "wall"  # or "cpu": process CPU seconds (measure.CLOCKS), for a shared machine
 
     def __post_init__(self) -> None:
         self.methods = list(dict.fromkeys(self.methods))
@@ -61,6 +62,8 @@ class BenchSettings:
             raise ValueError(f"--new-tokens {self.new_tokens}: need at least 2 (one from the prefill, one decode step)")
         if self.repeats < 1 or self.warmup < 0 or self.batch < 1 or self.text_len < 2 or self.flops_text_len < 2:
             raise ValueError("need --repeats >= 1, --warmup >= 0, --batch >= 1, --text-len >= 2 and --flops-text-len >= 2")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"--clock {self.clock}: choose one of {', '.join(CLOCKS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
         if self.compile and self.warmup < 1:
@@ -110,6 +113,7 @@ def run_bench(settings: BenchSettings, out: str | Path | None = None, progress: 
     s = settings
     s.check()
     dev, tdtype, config, methods = torch.device(s.device), DTYPES[s.dtype], s.config(), s.methods
+    clock = CLOCKS[s.clock]
     base_llm, base_vision = _load(s.llm, s.vision, dev, tdtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -125,11 +129,11 @@ def run_bench(settings: BenchSettings, out: str | Path | None = None, progress: 
 
     def train(m: str) -> float:
         peers[m].train()
-        return timed(lambda: train_step(peers[m], optimizers[m], data), dev)
+        return timed(lambda: train_step(peers[m], optimizers[m], data), dev, clock)
 
     def generate(m: str) -> tuple[float, float]:
         peers[m].eval()
-        return generation_times(peers[m], data, s.new_tokens, dev)
+        return generation_times(peers[m], data, s.new_tokens, dev, clock)
 
     train_t = interleaved(methods, s.warmup, s.repeats, train, "train steps", progress)
     gen_t = interleaved(methods, s.warmup, s.repeats, generate, "generation", progress)
@@ -139,7 +143,11 @@ def run_bench(settings: BenchSettings, out: str | Path | None = None, progress: 
         fusion_row = fusion_bench(s.batch, s.text_len + int(config.use_cls), config.num_visual_tokens,
                                   base_llm.config.hidden_size, s.fusion_layers or base_llm.config.num_hidden_layers,
                                   config, repeats=s.repeats, warmup=s.warmup, device=dev, dtype=tdtype,
-                                  compile=s.compile, seed=s.seed, progress=progress)
+                                  compile=s.compile, seed=s.seed, progress=progress, clock=clock)
+        fusion_row |= decode_bench(s.batch, s.text_len + int(config.use_cls), config.num_visual_tokens,
+                                   base_llm.config.hidden_size, config.hidden_proj,
+                                   s.fusion_layers or base_llm.config.num_hidden_layers, config, repeats=s.repeats,
+                                   warmup=s.warmup, device=dev, seed=s.seed, progress=progress, clock=clock)
 
     flops: dict[str, dict[str, Any]] = {}
     for m in tqdm(methods, desc="FLOPs", unit="method", disable=not progress):
@@ -161,7 +169,7 @@ def run_bench(settings: BenchSettings, out: str | Path | None = None, progress: 
     shown = {"llm": s.llm, "vision": s.vision, "device": describe_machine(dev), "dtype": s.dtype, "batch": s.batch,
              "text_len": s.text_len, "new_tokens": s.new_tokens, "repeats": s.repeats, "warmup": s.warmup,
              "flops_text_len": s.flops_text_len, "scales": list(config.scales), "compile": s.compile,
-             "lora_rank": s.lora_rank, "torch": torch.__version__}
+             "lora_rank": s.lora_rank, "torch": torch.__version__, "clock": s.clock}
     rows = []
     for m in methods:
         row = summarize(m, train_t[m], gen_t[m], s.batch, s.new_tokens) | {
