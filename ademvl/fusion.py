@@ -58,11 +58,6 @@ def drop_mask(scores: Tensor, drop_ratio: float) -> Tensor:
     return mask.scatter_(-1, *weakest(scores, k)) if k else mask
 
 
-def adaptive_drop(scores: Tensor, drop_ratio: float) -> Tensor:
-    """scores (B, T, N) with the dropped entries zeroed; the kept entries pass their gradient."""
-    return scores.masked_fill(drop_mask(scores, drop_ratio), 0.0)
-
-
 def _zero_dropped_(x: Tensor, idx: Tensor, drop: Tensor) -> Tensor:
     """In place: zero x at the dropped positions; touches only the k+1 candidates of each row."""
     return x.scatter_(-1, idx, x.gather(-1, idx).masked_fill_(drop, 0.0))

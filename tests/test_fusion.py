@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ademvl.bench.baselines import fuse_released
-from ademvl.fusion import (LowRankValues, VisualMemory, adaptive_drop, drop_mask, fuse, fuse_low_rank, num_dropped,
+from ademvl.fusion import (LowRankValues, VisualMemory, drop_mask, fuse, fuse_low_rank, num_dropped,
                            qk_activation)
 
 
@@ -43,7 +43,7 @@ def test_adaptive_drop_zeroes_exactly_floor_gamma_n_per_row(gamma: float, n: int
     torch.manual_seed(0)
     scores = torch.randn(3, 11, n) + 5.0  # distinct and non-zero, so every zero is a dropped entry
     assert num_dropped(n, gamma) == expected
-    out = adaptive_drop(scores, gamma)
+    out = scores.masked_fill(drop_mask(scores, gamma), 0.0)  # the adaptive drop
     zeros = (out == 0).sum(-1)
     assert zeros.eq(expected).all(), zeros
     # the dropped entries are the smallest of their row; the kept ones are unchanged

@@ -153,5 +153,8 @@ def decode_bench(batch: int, text_len: int, n_visual: int, d: int, hidden: int, 
         bar.update()
     bar.close()
     out: dict[str, Any] = {f"fusion_{p}_s": statistics.median(ts) for p, ts in times.items()}
+    size = v.element_size()
+    out["decode_bytes_per_layer"] = {"act_k": batch * n_visual * d * size, "v_dense": batch * n_visual * d * size,
+                                     "v_factored": (batch * (hidden + 1) * n_visual + n_visual * d + d * (hidden + 1)) * size}
     out["decode_fusion_shape"] = f"B={batch} T=1 (prefill T={text_len}) N={n_visual} d={d} rank={hidden + 1} layers={layers}"
     return out

@@ -225,6 +225,13 @@ def _where_it_goes(by: dict[str, dict[str, Any]], f: dict[str, Any] | None) -> l
                  f"above), takes {f['fusion_fwd_bwd_s']:.3f} s of it")
     lines.append(line + ". The rest is the vision tower (forward and backward to its adapters), the projectors "
                  "and the hooks.")
+    if a.get("decode_bytes_per_layer") and a.get("decode_s") and t.get("decode_s"):
+        steps, mb = a["new_tokens"] - 1, {k: n / 2**20 for k, n in a["decode_bytes_per_layer"].items()}
+        extra_ms = (a["decode_s"] - t["decode_s"]) / steps * 1e3
+        lines.append(f"- Decode step: +{extra_ms:.1f} ms per cached step of the batch over text-only. A decode step is "
+                     f"memory-bound: every layer the fusion reads act(K) ({mb['act_k']:.1f} MiB) and V factored "
+                     f"({mb['v_factored']:.1f} MiB; dense it would be {mb['v_dense']:.1f} MiB) for the whole batch, "
+                     "next to the layer's own weights; the decode table below times the fusion alone.")
     return lines
 
 
