@@ -192,6 +192,11 @@ def read_image(path: str | Path, missing_hint: str) -> Any:
         raise ImageError(path, "image file not found", missing_hint)
     if path.is_dir():
         raise ImageError(path, "is a directory; expected an image file", missing_hint)
+    from PIL import ImageFile
+
+    # A library may have switched PIL to decode cut-short files silently (lmms-eval does, on import);
+    # a truncated image must stay an error here, whoever imported what.
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         img = Image.open(path)
         img.load()
@@ -202,6 +207,8 @@ def read_image(path: str | Path, missing_hint: str) -> Any:
         raise ImageError(path, "cannot read this image (not an image format PIL knows)", "re-encode it as PNG or JPEG") from None
     except OSError as e:  # e.g. "image file is truncated"
         raise ImageError(path, f"cannot read this image ({e})", "re-encode it as PNG or JPEG") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     return img
 
 

@@ -3,51 +3,39 @@
 At every decoder layer's feed-forward block, with h_n = ffn_norm(h) the MLP input:
 
     A   = act(h_n) @ act(K)^T          (B, T, N)   no weights, no softmax, no 1/sqrt(d)
-    A   = drop the floor(gamma*N) weakest entries of every row       (adaptive fusion)
+    A   = drop the floor(gamma*N) weakest entries of every row       (adaptive fusion, `weakest`)
     out = h + FFN(h_n) + alpha * A @ V
 
-K and V do not depend on the layer (the position tables are shared), so act(K) and V are made
-once per forward by `VisualMemory.set` and read by every layer. `fuse_reference` is the released
-code's way (keys re-activated in every layer, threshold by a full sort of every row) kept for
-tests and benchmarks; `fuse` gives the same numbers.
-
-Why `fuse` is faster (measured by `ademvl bench`, fusion micro-benchmark):
-  * act(K) once per forward instead of once per layer;
-  * the threshold by a partial selection (topk of the k+1 smallest; a full sort of 320 entries
-    costs ~4x more on CPU, kthvalue ~1.2x more);
-  * no full-size mask: only the k+1 candidates of each row are touched (gather/scatter of k+1
-    entries instead of a compare + multiply over all N), in forward and in backward;
-  * the hand-written backward saves (B, T, k+1) indices instead of a (B, T, N) mask, and the
-    MLP output is added by the same matmul (baddbmm) that applies alpha.
+K and V do not depend on the layer, so act(K) is made once per forward (`VisualMemory.holding`).
+Faster than the released code (ademvl.bench.baselines.fuse_released): the threshold by a partial
+selection (topk of k+1, not a sort), only the k+1 candidates of a row touched in forward and in the
+hand-written backward, the MLP output added by the matmul; a decode step reads V factored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 SILU_MIN = 0.27846454276  # -min_x silu(x); shifts silu to be >= 0 for the "silu_positive" ablation
-FORMS = ("adem", "memvp")
+Fusion = Callable[[Tensor, Tensor, Tensor, float, float, str], Tensor]  # a baseline's: (h_n, raw K, V, ...)
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {  # the paper's ablation of the query/key nonlinearity
+    "silu": F.silu, "none": lambda x: x, "relu": F.relu, "elu": F.elu,
+    "softmax": lambda x: torch.softmax(x, dim=-1),  # over the features: each row a distribution
+    "silu_positive": lambda x: F.silu(x) + SILU_MIN,  # silu shifted to be >= 0: every score positive
+}
 
 
 def qk_activation(x: Tensor, kind: str) -> Tensor:
-    """The nonlinearity applied to both query and key (the paper's Table: none/ReLU/ELU/SiLU/...)."""
-    if kind == "silu":
-        return F.silu(x)
-    if kind == "none":
-        return x
-    if kind == "relu":
-        return F.relu(x)
-    if kind == "elu":
-        return F.elu(x)
-    if kind == "softmax":  # over the feature dimension, so each row is a distribution
-        return torch.softmax(x, dim=-1)
-    if kind == "silu_positive":  # silu shifted to be non-negative: every score positive
-        return F.silu(x) + SILU_MIN
-    raise ValueError(f"unknown qk activation {kind!r}")
+    """The nonlinearity applied to both query and key."""
+    if kind not in ACTIVATIONS:
+        raise ValueError(f"unknown qk activation {kind!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[kind](x)
 
 
 def num_dropped(n_visual: int, drop_ratio: float) -> int:
@@ -57,15 +45,17 @@ def num_dropped(n_visual: int, drop_ratio: float) -> int:
 
 @torch.no_grad()
 def weakest(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k+1 smallest entries of every row and which of them the reference drops.
-
-    Returns idx (B, T, k+1), the positions of the k+1 smallest values, and drop (B, T, k+1), True
-    where the value lies strictly below the (k+1)-th smallest one (the reference's threshold).
-    Every entry below the threshold is among the k+1 smallest, so this is the reference's drop set
-    exactly, ties included; with distinct scores it holds exactly k entries.
-    """
+    """The drop rule: idx (B, T, k+1), the k+1 smallest entries of every row, and drop (B, T, k+1),
+    True below the (k+1)-th smallest value: the threshold a full sort finds, ties included (with
+    distinct scores exactly k entries)."""
     vals, idx = scores.topk(k + 1, dim=-1, largest=False, sorted=False)  # (B, T, k+1)
     return idx, vals < vals.amax(dim=-1, keepdim=True)
+
+
+def drop_mask(scores: Tensor, drop_ratio: float) -> Tensor:
+    """(B, T, N) bool, True at the entries the fusion drops (`weakest`): for drop maps and checks."""
+    mask, k = torch.zeros_like(scores, dtype=torch.bool), num_dropped(scores.shape[-1], drop_ratio)
+    return mask.scatter_(-1, *weakest(scores, k)) if k else mask
 
 
 def _zero_dropped_(x: Tensor, idx: Tensor, drop: Tensor) -> Tensor:
@@ -73,41 +63,28 @@ def _zero_dropped_(x: Tensor, idx: Tensor, drop: Tensor) -> Tensor:
     return x.scatter_(-1, idx, x.gather(-1, idx).masked_fill_(drop, 0.0))
 
 
-def adaptive_drop(scores: Tensor, drop_ratio: float) -> Tensor:
-    """Zero, in every row, the entries below the row's (k+1)-th smallest value, k = floor(gamma*N).
-
-    With distinct scores exactly k entries per row become zero. The threshold is the one a full
-    sort finds (the reference), found by a partial selection; ties are treated as the reference
-    treats them. Out of place and differentiable (the kept entries pass their gradient).
-    """
-    k = num_dropped(scores.shape[-1], drop_ratio)
-    if k == 0:
-        return scores
-    idx, drop = weakest(scores, k)
-    return scores.scatter(-1, idx, scores.gather(-1, idx).masked_fill(drop, 0.0))  # (B, T, N)
-
-
-def _attend(q: Tensor, k_act: Tensor, v: Tensor, residual: Tensor | None, alpha: float,
-            n_drop: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """residual + alpha * drop(q @ k_act^T) @ v, and what backward needs (scores, idx, drop)."""
+def _scores(q: Tensor, k_act: Tensor, n_drop: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """A = drop(q @ k_act^T) (B, T, N), and the (B, T, k+1) candidates and drop flags."""
     scores = torch.bmm(q, k_act.transpose(1, 2))  # (B, T, d) @ (B, d, N) -> (B, T, N)
     idx = drop = None
     if n_drop > 0:
         idx, drop = weakest(scores, n_drop)  # (B, T, k+1) each
         _zero_dropped_(scores, idx, drop)
+    return scores, idx, drop
+
+
+def _attend(q: Tensor, k_act: Tensor, v: Tensor, residual: Tensor | None, alpha: float,
+            n_drop: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """residual + alpha * drop(q @ k_act^T) @ v, and what backward needs (scores, idx, drop)."""
+    scores, idx, drop = _scores(q, k_act, n_drop)
     if residual is None:
-        out = torch.bmm(scores, v).mul_(alpha)  # (B, T, N) @ (B, N, d) -> (B, T, d)
-    else:
-        out = torch.baddbmm(residual, scores, v, alpha=alpha)  # residual + alpha * A @ V in one call
-    return out, scores, idx, drop
+        return torch.bmm(scores, v).mul_(alpha), scores, idx, drop  # (B, T, N) @ (B, N, d) -> (B, T, d)
+    return torch.baddbmm(residual, scores, v, alpha=alpha), scores, idx, drop  # residual + alpha A @ V
 
 
 class _Attend(torch.autograd.Function):
-    """`_attend` with a hand-written backward: no (B, T, N) mask is kept, only (B, T, k+1) indices.
-
-        dA  = alpha * g @ V^T,  zeroed at the dropped entries
-        dq  = dA @ act(K)        d act(K) = dA^T @ q        dV = alpha * A^T @ g
-    """
+    """`_attend`, its backward by hand: dA = alpha g V^T (dropped entries zeroed), dq = dA act(K),
+    d act(K) = dA^T q, dV = alpha A^T g. It keeps (B, T, k+1) indices, not a (B, T, N) mask."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k_act: Tensor, v: Tensor, residual: Tensor | None, alpha: float, n_drop: int) -> Tensor:
@@ -135,92 +112,109 @@ class _Attend(torch.autograd.Function):
 
 def fuse(h_n: Tensor, k_act: Tensor, v: Tensor, alpha: float, drop_ratio: float, qk_act: str,
          residual: Tensor | None = None) -> Tensor:
-    """alpha * drop(act(h_n) @ k_act^T) @ v, with k_act = act(K) precomputed.  -> (B, T, d)
-
-    With `residual` (the MLP output), returns residual + that, added inside the same matmul.
-    """
+    """[residual +] alpha * drop(act(h_n) @ k_act^T) @ v, with k_act = act(K) made once.  -> (B, T, d)"""
     q = qk_activation(h_n, qk_act)  # (B, T, d)
     n_drop = num_dropped(k_act.shape[1], drop_ratio)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_act, v, residual)):
-        device = q.device.type
-        if torch.is_autocast_enabled(device):  # the Function's backward runs outside autocast: one dtype in
-            dt = torch.get_autocast_dtype(device)
-            with torch.autocast(device, enabled=False):
-                return _Attend.apply(q.to(dt), k_act.to(dt), v.to(dt), None if residual is None else residual.to(dt),
-                                     alpha, n_drop)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_act, v, residual))):
+        return _attend(q, k_act, v, residual, alpha, n_drop)[0]  # inference: no autograd bookkeeping
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
         return _Attend.apply(q, k_act, v, residual, alpha, n_drop)
-    return _attend(q, k_act, v, residual, alpha, n_drop)[0]  # inference: no autograd bookkeeping
+    dt = torch.get_autocast_dtype(device)  # the Function's backward runs outside autocast: one dtype in
+    with torch.autocast(device, enabled=False):
+        return _Attend.apply(q.to(dt), k_act.to(dt), v.to(dt), None if residual is None else residual.to(dt),
+                             alpha, n_drop)
 
 
-def fuse_reference(h_n: Tensor, k: Tensor, v: Tensor, alpha: float, drop_ratio: float, qk_act: str) -> Tensor:
-    """The released code's form: activate the raw keys here, threshold by sorting every row."""
-    scores = qk_activation(h_n, qk_act) @ qk_activation(k, qk_act).transpose(1, 2)  # (B, T, N)
-    n_drop = num_dropped(scores.shape[-1], drop_ratio)
+@dataclass
+class LowRankValues:
+    """V = coef @ basis^T + E_v. Xv = V - E_v = gate beta (H W2^T + b2) (step 3) lies in the span of
+    [W2 | b2]: basis (d, r) orthonormal over it, r = hidden_proj + 1; coef_t (B, r, N), stored
+    transposed so that A @ coef is a row-contiguous matrix-vector product; table E_v (N, d)."""
+
+    coef_t: Tensor
+    basis: Tensor
+    table: Tensor
+
+    @classmethod
+    def of(cls, v: Tensor, table: Tensor, span: Tensor) -> "LowRankValues":
+        basis = torch.linalg.qr(span.float()).Q.to(v.dtype)  # (d, r), orthonormal columns
+        return cls(((v - table) @ basis).transpose(1, 2).contiguous(), basis, table)  # (B, r, N)
+
+
+@torch.no_grad()
+def fuse_low_rank(h_n: Tensor, k_act: Tensor, v: LowRankValues, alpha: float, drop_ratio: float, qk_act: str,
+                  residual: Tensor | None = None) -> Tensor:
+    """`fuse` with V factored: A @ V = (A @ coef) @ basis^T + A @ E_v, equal up to rounding. Reads
+    coef (B, N, r) instead of V (B, N, d); basis and E_v once for the whole batch (decoding)."""
+    q, n_drop = qk_activation(h_n, qk_act), num_dropped(k_act.shape[1], drop_ratio)
+    scores = torch.bmm(k_act, q.transpose(1, 2)).transpose(1, 2)  # (B, N, d) @ (B, d, T): row-contiguous, 2x faster
     if n_drop > 0:
-        thresh = torch.sort(scores, dim=-1).values[..., n_drop : n_drop + 1]  # (B, T, 1)
-        scores = scores * (scores >= thresh).to(scores.dtype)
-    return alpha * (scores @ v)
-
-
-def fuse_memvp(h_n: Tensor, k: Tensor, v: Tensor, alpha: float) -> Tensor:
-    """MemVP's visual memory at the FFN (the peer): alpha * silu(h_n @ K^T) @ V, nothing dropped."""
-    return alpha * (F.silu(h_n @ k.transpose(1, 2)) @ v)  # (B, T, N) @ (B, N, d) -> (B, T, d)
+        _zero_dropped_(scores, *weakest(scores, n_drop))  # (B, T, N)
+    b, t, n = scores.shape
+    z = torch.bmm(v.coef_t, scores.transpose(1, 2)).transpose(1, 2).reshape(b * t, -1)  # (B, r, N) @ (B, N, T)
+    out = torch.addmm(z @ v.basis.T, scores.reshape(b * t, n), v.table).view(b, t, -1)  # + A @ E_v, (N, d) once
+    return out.mul_(alpha) if residual is None else residual.add(out, alpha=alpha)
 
 
 class VisualMemory(nn.Module):
-    """Holds act(K) and V of the current batch for all decoder layers; no parameters.
+    """act(K) and V of the batch in hand, read by every decoder layer's MLP hook (no parameters),
+    which turns the MLP output into FFN(h_n) + alpha * A @ V without a change to the base model.
+    Held only inside `with memory.holding(K, V):` around the LLM call; outside it the hooks do
+    nothing. While held, `memory.keys` is act(K) (B, N, d) and `memory.values` V: what drop maps read.
 
-    Hooked onto each decoder layer's MLP: the hook adds the fusion to the MLP's output, so the
-    layer computes h + FFN(h_n) + alpha * A @ V without any change to the base model's code.
+    fusion: None for ADEM-VL's `fuse`; a baseline's (ademvl.bench.baselines) gets the raw K instead.
+    A decode step (one new token, no gradient) reads V factored (`fuse_low_rank`) when `holding`
+    has a value_span of rank below d."""
 
-    reference=True runs the released code's path (keys re-activated in every layer, full sort);
-    form="memvp" runs the MemVP peer's fusion (benchmarks). `compile()` swaps in torch.compile.
-    """
-
-    def __init__(self, alpha: float, drop_ratio: float, qk_act: str, reference: bool = False, form: str = "adem") -> None:
+    def __init__(self, alpha: float, drop_ratio: float, qk_act: str, fusion: Fusion | None = None) -> None:
         super().__init__()
-        if form not in FORMS:
-            raise ValueError(f"form={form!r}: choose one of {', '.join(FORMS)}")
-        self.alpha, self.drop_ratio, self.qk_act = alpha, drop_ratio, qk_act
-        self.reference = reference  # use the released code's path (benchmarks and tests)
-        self.form = form
-        self.keys: Tensor | None = None  # (B, N, d): act(K), or raw K when reference / memvp
+        self.alpha, self.drop_ratio, self.qk_act, self.fusion = alpha, drop_ratio, qk_act, fusion
+        self.keys: Tensor | None = None  # (B, N, d): act(K), or the raw K for a baseline's fusion
         self.values: Tensor | None = None  # (B, N, d)
+        self._span: tuple[Tensor, Tensor] | None = None  # (E_v (N, d), [W2 | b2] (d, r))
+        self._low_rank: LowRankValues | None = None  # made from them at the first decode step
         self._fuse: Callable[..., Tensor] = fuse
 
-    def set(self, k: Tensor, v: Tensor) -> None:
-        """Store the keys and values of this batch; the key activation runs here, once."""
-        raw = self.reference or self.form == "memvp"
-        self.keys = k if raw else qk_activation(k, self.qk_act)
-        self.values = v
+    @contextlib.contextmanager
+    def holding(self, k: Tensor, v: Tensor, repeat: int = 1,
+                value_span: tuple[Tensor, Tensor] | None = None) -> Iterator["VisualMemory"]:
+        """Hold K, V (B, N, d) for the LLM calls in the block; act(K) is made here, once. repeat: each
+        sample that many times (generate()'s beams); value_span: (E_v, [W2 | b2]) of `LowRankValues`."""
+        keys = k if self.fusion is not None else qk_activation(k, self.qk_act)
+        if repeat > 1:
+            keys, v = keys.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
+        low_rank = value_span is not None and self.fusion is None and value_span[1].shape[1] < v.shape[-1]
+        with self._held(keys, v, value_span if low_rank else None):
+            yield self
 
-    def clear(self) -> None:
-        self.keys = self.values = None
+    @contextlib.contextmanager
+    def _held(self, keys: Tensor | None, values: Tensor | None, span=None) -> Iterator["VisualMemory"]:
+        before = self.keys, self.values, self._span, self._low_rank
+        self.keys, self.values, self._span, self._low_rank = keys, values, span, None
+        try:
+            yield self
+        finally:
+            self.keys, self.values, self._span, self._low_rank = before
 
-    def expand(self, times: int) -> None:
-        """Repeat each sample's memory `times` times, as generate() expands beams/return sequences."""
-        if self.keys is not None and times > 1:
-            self.keys = self.keys.repeat_interleave(times, dim=0)
-            self.values = self.values.repeat_interleave(times, dim=0)
+    def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """torch.utils.checkpoint's context_fn: a layer recomputed in backward holds what its forward read."""
+        return contextlib.nullcontext(), self._held(self.keys, self.values)
 
     def compile(self, **compile_kwargs) -> "VisualMemory":
-        """Run our fusion through torch.compile.
-
-        Static shapes by default: the hand-written backward does not trace with dynamic=True on
-        torch 2.13 (inference compiles either way; prefill and decode then compile once each).
-        """
-        compile_kwargs.setdefault("dynamic", False)
-        self._fuse = torch.compile(fuse, **compile_kwargs)
+        """`fuse` through torch.compile; static shapes: the backward does not trace with dynamic=True."""
+        self._fuse = torch.compile(fuse, **{"dynamic": False, **compile_kwargs})
         return self
 
     def forward(self, h_n: Tensor, residual: Tensor | None = None) -> Tensor:
         """The fusion term for h_n (B, T, d); plus `residual` when given."""
-        if self.form == "memvp":
-            out = fuse_memvp(h_n, self.keys, self.values, self.alpha)
-        elif self.reference:
-            out = fuse_reference(h_n, self.keys, self.values, self.alpha, self.drop_ratio, self.qk_act)
-        else:
+        if self._span is not None and h_n.shape[1] == 1 and not torch.is_grad_enabled():  # a decode step
+            if self._low_rank is None:
+                self._low_rank = LowRankValues.of(self.values, *self._span)
+            return fuse_low_rank(h_n, self.keys, self._low_rank, self.alpha, self.drop_ratio, self.qk_act, residual)
+        if self.fusion is None:
             return self._fuse(h_n, self.keys, self.values, self.alpha, self.drop_ratio, self.qk_act, residual)
+        out = self.fusion(h_n, self.keys, self.values, self.alpha, self.drop_ratio, self.qk_act)
         return out if residual is None else residual + out
 
     def mlp_hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
@@ -229,8 +223,7 @@ class VisualMemory(nn.Module):
             return output
         h_n = args[0]
         if h_n.shape[0] != self.keys.shape[0]:
-            raise RuntimeError(f"visual memory holds {self.keys.shape[0]} samples but the layer sees {h_n.shape[0]}; "
-                               "call the model (not model.llm) so the memory matches the batch")
+            raise RuntimeError(f"visual memory holds {self.keys.shape[0]} samples but the layer sees {h_n.shape[0]}")
         if output.dtype == self.keys.dtype:
             return self(h_n.to(self.keys.dtype), residual=output)  # MLP output + fusion in one matmul
         return output + self(h_n.to(self.keys.dtype)).to(output.dtype)

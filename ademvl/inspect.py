@@ -3,9 +3,8 @@
 At every decoder layer the fusion scores each text position against every visual token,
 A = act(h_n) @ act(K)^T, and drops the floor(gamma N) weakest entries of the row (ADEM-VL.md,
 step 6). This module re-runs the model on a prompt (and an answer, teacher-forced), catches h_n
-at the layers asked for and the visual keys, and applies the fusion's own rule (`fusion.weakest`,
-`fusion.adaptive_drop`) to the rows it wants. The demo's drop figure (Fig. 3) and the `ademvl
-serve` page both read the model through here, so they show one computation.
+at the layers asked for and the visual keys, and applies the fusion's own rule (`fusion.drop_mask`)
+to the rows it wants. The demo's drop figure (Fig. 3) and the `ademvl serve` page both read the model through here, so they show one computation.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .fusion import adaptive_drop, num_dropped, qk_activation, weakest
+from .fusion import drop_mask, qk_activation
 from .model import AdemVLModel, decoder_layers
 
 
@@ -62,16 +61,6 @@ def fusion_scores(model: AdemVLModel, batch: dict[str, Tensor], layers: list[int
     return {i: qk_activation(h_n[i].to(k_act.dtype), model.config.qk_act) @ k_act.transpose(1, 2) for i in layers}
 
 
-def dropped(scores: Tensor, drop_ratio: float) -> Tensor:
-    """Bool mask of the entries the fusion drops from each row of `scores` (..., N)."""
-    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    k = num_dropped(scores.shape[-1], drop_ratio)
-    if k > 0:
-        idx, drop = weakest(scores, k)
-        mask.scatter_(-1, idx, drop)
-    return mask
-
-
 @torch.no_grad()
 def drop_decisions(model: AdemVLModel, samples: list, layers: list[int]) -> list[dict[int, Tensor]]:
     """For each sample, which visual tokens the last prompt token drops at the given layers.
@@ -80,7 +69,7 @@ def drop_decisions(model: AdemVLModel, samples: list, layers: list[int]) -> list
     one that predicts the first answer token). Returns per sample {layer: (N,) bool}.
     """
     scores = fusion_scores(model, model.processor(samples, train=False), layers)
-    masks = {i: dropped(s[:, -1].float().cpu(), model.config.drop_ratio) for i, s in scores.items()}  # (B, N)
+    masks = {i: drop_mask(s[:, -1].float().cpu(), model.config.drop_ratio) for i, s in scores.items()}  # (B, N)
     return [{i: masks[i][b] for i in layers} for b in range(len(samples))]
 
 
@@ -133,8 +122,8 @@ def where_it_looked(model: AdemVLModel, image: Any, prompt: str, answer_ids: lis
     rows = {i: s[0, -n:].float().cpu() for i, s in scores.items()}  # (L, N)
     ratio = model.config.drop_ratio
     return Looked(tokens=[model.tokenizer.decode([t]) for t in answer_ids], scales=model.config.scales,
-                  weights={i: adaptive_drop(r, ratio) for i, r in rows.items()},
-                  dropped={i: dropped(r, ratio) for i, r in rows.items()})
+                  weights={i: r.masked_fill(drop_mask(r, ratio), 0.0) for i, r in rows.items()},
+                  dropped={i: drop_mask(r, ratio) for i, r in rows.items()})
 
 
 # ---- pictures --------------------------------------------------------------------------------

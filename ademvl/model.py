@@ -26,7 +26,7 @@ from . import hub
 from .config import AdemVLConfig
 from .data import IMAGE_TOKEN_ID, AdemProcessor
 from .files import InputError, atomic_directory, first_line, read_safetensors
-from .fusion import VisualMemory
+from .fusion import Fusion, VisualMemory
 from .vision import make_adapters, multiscale, tower_features, truncate_tower
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -63,7 +63,9 @@ def decoder_layers(llm: nn.Module) -> nn.ModuleList:
 class AdemVLModel(nn.Module):
     """A frozen LLM that sees through ADEM-VL. Use `from_pretrained` / `build` to make one."""
 
-    def __init__(self, llm: nn.Module, vision: nn.Module, config: AdemVLConfig, tokenizer: Any = None) -> None:
+    def __init__(self, llm: nn.Module, vision: nn.Module, config: AdemVLConfig, tokenizer: Any = None,
+                 fusion: Fusion | None = None) -> None:
+        """fusion: None for ADEM-VL's own; a baseline's (ademvl.bench.baselines) for benchmarks."""
         super().__init__()
         # Our own copy: the base description filled in below belongs to this model, not the caller.
         self.config = config = dataclasses.replace(config)
@@ -82,7 +84,7 @@ class AdemVLModel(nn.Module):
             self.cls_proj = Projector(c, config.hidden_proj, d, config.proj_zero_init) if config.use_cls else None
             self.pos_k = nn.Parameter(torch.randn(n, d) * 0.02)  # (N, d), E_k
             self.pos_v = nn.Parameter(torch.zeros(n, d))  # (N, d), E_v
-        self.memory = VisualMemory(config.alpha, config.drop_ratio, config.qk_act)
+        self.memory = VisualMemory(config.alpha, config.drop_ratio, config.qk_act, fusion)
 
         for block, adapter in zip(vision.encoder.layers, self.vision_adapters):
             block.mlp.register_forward_hook(adapter.mlp_hook)
@@ -158,15 +160,12 @@ class AdemVLModel(nn.Module):
         return sum(self.parameter_groups().values())
 
     def gradient_checkpointing_enable(self) -> None:
-        """Recompute the frozen LLM layers in backward (hooks run again with the same memory)."""
-        kwargs = {"use_reentrant": False}
+        """Recompute the frozen LLM layers in backward; the recomputation holds the memory its forward held."""
+        kwargs = {"use_reentrant": False, "context_fn": self.memory.checkpoint_contexts}
         if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5.x name
             self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self._checkpointing = True
-
-    _checkpointing = False
 
     # ---- forward ----------------------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor | None, image_mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -202,16 +201,23 @@ class AdemVLModel(nn.Module):
             emb = emb.index_put(placeholder.nonzero(as_tuple=True), cls_emb.to(emb.dtype))
         return emb
 
-    def prepare(self, input_ids: Tensor, pixel_values: Tensor | None = None, image_mask: Tensor | None = None) -> Tensor:
-        """Set the visual memory for this batch and return the input embeddings.
+    def prepare(self, input_ids: Tensor, pixel_values: Tensor | None = None,
+                image_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The input embeddings (B, T, d) and this batch's visual keys and values (B, N, d) each,
+        to hold around the LLM call: `with model.memory.holding(keys, values): model.llm(...)`.
 
         Every batch gets a memory, one without any image too: its samples read the tables alone.
         """
         if pixel_values is None or image_mask is None:
             image_mask = torch.zeros(input_ids.shape[0], dtype=torch.bool)  # a batch without images
         keys, values, cls_emb = self.encode_images(pixel_values, image_mask)
-        self.memory.set(keys, values)
-        return self.embed(input_ids, cls_emb)
+        return self.embed(input_ids, cls_emb), keys, values
+
+    def value_span(self) -> tuple[Tensor, Tensor]:
+        """(E_v (N, d), [W2 | b2] (d, hidden_proj + 1)): V - E_v lies in the span of the projector's
+        last layer (step 3), so a decode step reads V factored (fusion.LowRankValues)."""
+        fc2 = self.proj.fc2
+        return self.pos_v.detach(), torch.cat([fc2.weight, fc2.bias[:, None]], dim=1).detach()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
                 image_mask: Tensor | None = None, labels: Tensor | None = None, loss_only: bool = False, **kwargs: Any):
@@ -220,16 +226,11 @@ class AdemVLModel(nn.Module):
         loss_only=True (training): the LM head runs only where a target token is predicted, not
         over the whole vocabulary at every position; the loss is the same, `logits` is None.
         """
-        inputs_embeds = self.prepare(input_ids, pixel_values, image_mask)
-        try:
+        inputs_embeds, keys, values = self.prepare(input_ids, pixel_values, image_mask)
+        with self.memory.holding(keys, values):
             if loss_only and labels is not None:
                 return self._target_loss(inputs_embeds, attention_mask, labels, **kwargs)
             return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
-        finally:
-            # Gradient checkpointing re-runs the layers (and their hooks) in backward: keep the
-            # memory for it. Otherwise drop it, so a later direct call of self.llm is untouched.
-            if not (torch.is_grad_enabled() and self._checkpointing):
-                self.memory.clear()
 
     def _target_loss(self, inputs_embeds: Tensor, attention_mask: Tensor | None, labels: Tensor, **kwargs: Any):
         """Mean cross-entropy over the target tokens, with the LM head applied to those positions only."""
@@ -249,14 +250,11 @@ class AdemVLModel(nn.Module):
 
         Returns only the new tokens (B * num_return_sequences, new). Use left padding.
         """
-        inputs_embeds = self.prepare(input_ids, pixel_values, image_mask)
+        inputs_embeds, keys, values = self.prepare(input_ids, pixel_values, image_mask)
         expand = generate_kwargs.get("num_beams", 1) * generate_kwargs.get("num_return_sequences", 1)
-        self.memory.expand(expand)
         generate_kwargs.setdefault("pad_token_id", self.processor.pad if self.tokenizer is not None else None)
-        try:
+        with self.memory.holding(keys, values, repeat=expand, value_span=self.value_span()):
             return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
-        finally:
-            self.memory.clear()
 
     def answer(self, images: list[Any], prompts: list[str], max_new_tokens: int = 32, **kwargs: Any) -> list[str]:
         """Convenience: free-text answers to prompts about images (None for no image)."""

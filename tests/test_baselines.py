@@ -1,4 +1,4 @@
-"""The peers of the benchmark (ademvl/peers.py): same frozen weights, same inputs, each its own method."""
+"""The peers of the benchmark (ademvl/bench/baselines.py): same frozen weights, same inputs, each its own method."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from ademvl import hub
 from ademvl.config import AdemVLConfig
 from ademvl.data import IGNORE_INDEX
 from ademvl.model import AdemVLModel, decoder_layers
-from ademvl.peers import LORA_TARGETS, METHODS, build_peer, build_peers, make_batch, memvp_config, twin
+from ademvl.bench.baselines import LORA_TARGETS, METHODS, build_peer, build_peers, fuse_released, fuse_memvp, memvp_config
+from ademvl.bench.peer import make_batch, twin
 from ademvl.vision import blocks_to_run, tower_features
 
 CONFIG = AdemVLConfig(llm="random:tiny-llama", vision="random:tiny-clip", scales=(16, 4))
@@ -112,9 +113,9 @@ def test_adem_peer_puts_cls_after_bos(base, peers) -> None:
     perturb(peer)
     b = batch(llm, image_mask=(True, False))
     with torch.no_grad():
-        embeds, mask, labels = peer.inputs(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_mask"], b["labels"])
+        x = peer.inputs(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_mask"], b["labels"])
+        embeds, mask, labels = x.embeds, x.mask, x.labels
         cls = peer.model.cls_proj(tower_features(peer.model.vision, b["pixel_values"][:1])[:, 0])  # (1, d)
-    peer.release()
     emb = llm.get_input_embeddings().weight
     ids = b["input_ids"]
     assert embeds.shape == (2, ids.shape[1] + 1, llm.config.hidden_size)
@@ -129,7 +130,7 @@ def test_adem_peer_puts_cls_after_bos(base, peers) -> None:
 def test_fast_and_reference_peers_give_the_same_outputs(base) -> None:
     llm, vision = base
     fast, ref = build_peer("adem-vl", twin(llm), twin(vision), CONFIG), build_peer("adem-vl-reference", twin(llm), twin(vision), CONFIG)
-    assert ref.model.memory.reference and not fast.model.memory.reference
+    assert ref.model.memory.fusion is fuse_released and fast.model.memory.fusion is None
     assert all(torch.equal(p, q) for p, q in zip(fast.trainable_parameters(), ref.trainable_parameters()))  # same seed
     perturb(fast)
     perturb(ref)
@@ -146,7 +147,7 @@ def test_memvp_peer_adds_memvp_fusion_at_every_mlp(base, peers) -> None:
     cfg = peer.model.config
     patches = (vision.config.image_size // vision.config.patch_size) ** 2
     assert cfg == memvp_config(CONFIG, patches).replace(base=cfg.base)
-    assert cfg.scales == (patches,) and cfg.drop_ratio == 0 and not cfg.use_cls and peer.model.memory.form == "memvp"
+    assert cfg.scales == (patches,) and cfg.drop_ratio == 0 and not cfg.use_cls and peer.model.memory.fusion is fuse_memvp
     perturb(peer)
     b = batch(llm)
     mlp = decoder_layers(peer.model.llm)[1].mlp
@@ -154,10 +155,10 @@ def test_memvp_peer_adds_memvp_fusion_at_every_mlp(base, peers) -> None:
     handle = mlp.register_forward_hook(lambda mod, args, out: seen.update(h_n=args[0], out=out))  # runs after the fusion
     try:
         with torch.no_grad():
-            embeds, _, _ = peer.inputs(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_mask"])
-            k, v = peer.model.memory.keys, peer.model.memory.values  # (B, N, d), raw keys
-            peer.decoder(inputs_embeds=embeds, attention_mask=b["attention_mask"])
-            peer.release()
+            x = peer.inputs(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_mask"])
+            with x.memory:
+                k, v = peer.model.memory.keys, peer.model.memory.values  # (B, N, d), raw keys
+                peer.decoder(inputs_embeds=x.embeds, attention_mask=b["attention_mask"])
             h_n = seen["h_n"]
             plain = mlp.down_proj(mlp.act_fn(mlp.gate_proj(h_n)) * mlp.up_proj(h_n))
             expected = plain + cfg.alpha * F.silu(h_n @ k.transpose(1, 2)) @ v
@@ -183,7 +184,8 @@ def test_llava_peer_prepends_projected_patches_with_lora(base, peers) -> None:
         mask[1, 1 : 1 + n] = 0  # no image: its patch positions are masked out
         ref = llm(inputs_embeds=embeds, attention_mask=mask)  # LoRA's B starts at zero: the base LLM
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
-    e2, m2, l2 = peer.inputs(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_mask"], b["labels"])
+    x = peer.inputs(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_mask"], b["labels"])
+    m2, l2 = x.mask, x.labels
     assert torch.equal(m2, mask) and (l2[:, 1 : 1 + n] == IGNORE_INDEX).all() and torch.equal(l2[:, 1 + n :], b["labels"][:, 1:])
     lora_layers = [name for name, _ in peer.llm.named_modules() if name.endswith("lora_A")]
     assert len(lora_layers) == len(LORA_TARGETS) * llm.config.num_hidden_layers
@@ -226,3 +228,27 @@ def test_unknown_method_is_named(base) -> None:
     with pytest.raises(ValueError, match="unknown method"):
         build_peers(llm, vision, CONFIG, methods=("adem-vl", "flamingo"))
     assert METHODS == ("text-only", "adem-vl", "adem-vl-reference", "memvp", "llava")
+
+
+def test_low_rank_decoding_gives_the_tokens_of_full_forwards(base) -> None:
+    """hidden_proj 8 < d 64: cached steps read V factored (rank 9); the greedy tokens are those of
+    full forwards without a cache, which read it dense."""
+    llm, vision = base
+    peer = build_peer("adem-vl", twin(llm), twin(vision), CONFIG.replace(hidden_proj=8)).eval()
+    perturb(peer)
+    b = batch(llm)
+    inputs = {k: v for k, v in b.items() if k != "labels"}
+    x = peer.inputs(**inputs)
+    with torch.no_grad(), x.memory:
+        token, mask, past = peer.prefill(x)
+        steps = [token]
+        for _ in range(3):
+            token, mask, past = peer.decode_step(token, mask, past)
+            steps.append(token)
+        assert peer.model.memory._low_rank is not None and peer.model.memory._low_rank.coef_t.shape[1] == 9
+    ids = b["input_ids"]
+    with torch.no_grad():
+        for _ in range(4):
+            logits = peer(ids, torch.ones_like(ids), b["pixel_values"], b["image_mask"]).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(torch.cat(steps, dim=1), ids[:, -4:])

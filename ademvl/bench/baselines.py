@@ -1,144 +1,59 @@
 """The methods ADEM-VL is measured against, in one framework: same LLM, same vision tower, same inputs.
 
     text-only           the frozen LLM reading the text alone (no image): the lower bound
-    adem-vl             ours (ademvl.model.AdemVLModel, fast fusion path)
-    adem-vl-reference   the same model on the released code's fusion path (keys re-activated in
-                        every layer, threshold by a full sort of every row)
-    memvp               MemVP-style: visual features as extra FFN memory at every layer,
-                        out += alpha * silu(h_n @ K^T) @ V; one scale (the patch grid), nothing
-                        dropped, no [cls] token (ADEM-VL.md, "The peers")
+    adem-vl             ours (ademvl.model.AdemVLModel, its own fusion `ademvl.fusion.fuse`)
+    adem-vl-reference   the same model with the released code's fusion (`fuse_released`: keys
+                        re-activated in every layer, threshold by a full sort of every row)
+    memvp               MemVP-style (`fuse_memvp`): visual features as extra FFN memory at every
+                        layer, out += alpha * silu(h_n @ K^T) @ V; one scale (the patch grid),
+                        nothing dropped, no [cls] token (ADEM-VL.md, "The peers")
     llava               LLaVA-style input extension: the patch tokens of the same tower through
                         LLaVA-1.5's 2-layer MLP projector (C -> d -> d, GELU), prepended to the
                         LLM input after BOS, with LoRA (peft) on the attention projections
 
 Every peer takes the same text batch (`make_batch`: token ids without any extra token, the
 images beside them) and adds its own extra input tokens, so `extra_tokens` is what it costs.
-A peer gives the benchmark `inputs(...)` (input embeddings, attention mask and labels, with
-any visual memory set), `decoder` (the causal LM to call on them), and greedy generation with
-the KV cache split into `prefill` and `decode_step`, so that the two can be timed apart.
-
-All peers can share one copy of the frozen weights: `twin(module)` makes a second module object
-over the same parameter tensors, so each method hangs its own hooks or LoRA layers on it while
-a 7B LLM is held in memory once.
+The peers' interface, the shared batch and `twin` are in `ademvl.bench.peer`.
 """
 
 from __future__ import annotations
 
-import copy
 import warnings
-from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import AdemVLConfig
-from .data import IGNORE_INDEX, IMAGE_TOKEN_ID
-from .model import AdemVLModel
-from .vision import has_cls_token, truncate_tower
+from ..config import AdemVLConfig
+from ..data import IGNORE_INDEX, IMAGE_TOKEN_ID
+from ..fusion import num_dropped, qk_activation
+from ..model import AdemVLModel
+from ..vision import has_cls_token, truncate_tower
+from .peer import Inputs, Peer, insert_after_bos, twin
 
 METHODS = ("text-only", "adem-vl", "adem-vl-reference", "memvp", "llava")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def twin(module: nn.Module) -> nn.Module:
-    """A copy of `module` whose parameters are the very same tensors (buffers are copied).
-
-    Make twins before any hook or LoRA layer is attached: those belong to one twin only.
-    """
-    return copy.deepcopy(module, memo={id(p): p for p in module.parameters()})
-
-
-def make_batch(vocab_size: int, batch: int, text_len: int, image_size: int, bos_id: int | None = 1,
-               seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """Random text of exactly `text_len` tokens (BOS first) and one random image per sample.
-
-    Timings do not depend on token or pixel values; the fixed seed makes every run see the same.
-    Labels are the ids themselves: the loss covers every text token, for every method alike.
-    """
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab_size, (batch, text_len), generator=g)  # (B, T); 0-2 are special in SmolLM2
-    if bos_id is not None:
-        ids[:, 0] = bos_id
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": torch.ones(batch, text_len, dtype=torch.long, device=device),
-        "labels": ids.clone().to(device),
-        "pixel_values": torch.randn(batch, 3, image_size, image_size, generator=g).to(device, dtype),
-        "image_mask": torch.ones(batch, dtype=torch.bool, device=device),
-    }
+# ---- the peers' fusions (ademvl.fusion.Fusion: raw K, in every layer) ----------------------------
+def released_drop_mask(scores: Tensor, n_drop: int) -> Tensor:
+    """The released code's rule: below the row's (n_drop+1)-th smallest value, found by a full sort."""
+    thresh = torch.sort(scores, dim=-1).values[..., n_drop : n_drop + 1]  # (B, T, 1)
+    return scores < thresh
 
 
-def insert_after_bos(x: Tensor, value: Tensor | int, width: int = 1) -> Tensor:
-    """x (B, T, ...) with `width` positions filled by `value` inserted at position 1 (after BOS)."""
-    fill = value if isinstance(value, Tensor) else torch.full((x.shape[0], width, *x.shape[2:]), value, dtype=x.dtype, device=x.device)
-    return torch.cat([x[:, :1], fill.to(x.dtype), x[:, 1:]], dim=1)
+def fuse_released(h_n: Tensor, k: Tensor, v: Tensor, alpha: float, drop_ratio: float, qk_act: str) -> Tensor:
+    """The released code's fusion: activate the raw keys here (every layer), threshold by sorting."""
+    scores = qk_activation(h_n, qk_act) @ qk_activation(k, qk_act).transpose(1, 2)  # (B, T, N)
+    n_drop = num_dropped(scores.shape[-1], drop_ratio)
+    if n_drop > 0:
+        scores = scores * (~released_drop_mask(scores, n_drop)).to(scores.dtype)
+    return alpha * (scores @ v)  # (B, T, d)
 
 
-class Peer(nn.Module):
-    """One method under benchmark. Subclasses set `name`, `extra_tokens`, `decoder` and `inputs`."""
-
-    name = ""
-    extra_tokens = 0
-
-    @property
-    def decoder(self) -> nn.Module:
-        """The causal LM the input embeddings go to (with past_key_values for decoding)."""
-        raise NotImplementedError
-
-    def inputs(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_mask: Tensor,
-               labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(inputs_embeds, attention_mask, labels) with this method's extra tokens; sets its visual memory."""
-        raise NotImplementedError
-
-    def release(self) -> None:
-        """Forget this batch's visual memory (after a forward, or after generation)."""
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_mask: Tensor,
-                labels: Tensor | None = None, **kwargs: Any):
-        """The LLM's CausalLMOutput on this method's inputs (loss with labels)."""
-        embeds, mask, labels = self.inputs(input_ids, attention_mask, pixel_values, image_mask, labels)
-        try:
-            return self.decoder(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
-        finally:
-            self.release()
-
-    @torch.no_grad()
-    def prefill(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor,
-                image_mask: Tensor) -> tuple[Tensor, Tensor, Any]:
-        """Read the prompt (image included): the first new token (B, 1), the mask so far, the KV cache.
-
-        The visual memory stays set for the decode steps; call `release()` when generation ends.
-        Only the last position's logits are made, as transformers' generate() does.
-        """
-        embeds, mask, _ = self.inputs(input_ids, attention_mask, pixel_values, image_mask)
-        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].argmax(-1, keepdim=True), mask, out.past_key_values  # (B, 1)
-
-    @torch.no_grad()
-    def decode_step(self, token: Tensor, attention_mask: Tensor, past: Any) -> tuple[Tensor, Tensor, Any]:
-        """One cached greedy step: feed `token` (B, 1), return the next token, the grown mask, the cache."""
-        mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)  # (B, L + 1)
-        out = self.decoder(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
-        return out.logits[:, -1].argmax(-1, keepdim=True), mask, out.past_key_values
-
-    def greedy(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, image_mask: Tensor,
-               new_tokens: int) -> Tensor:
-        """Greedy generation with the KV cache: (B, new_tokens) new token ids."""
-        try:
-            token, mask, past = self.prefill(input_ids, attention_mask, pixel_values, image_mask)
-            tokens = [token]
-            for _ in range(new_tokens - 1):
-                token, mask, past = self.decode_step(token, mask, past)
-                tokens.append(token)
-            return torch.cat(tokens, dim=1)
-        finally:
-            self.release()
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.trainable_parameters())
+def fuse_memvp(h_n: Tensor, k: Tensor, v: Tensor, alpha: float, drop_ratio: float = 0.0, qk_act: str = "none") -> Tensor:
+    """MemVP's visual memory at the FFN: alpha * silu(h_n @ K^T) @ V; nothing dropped, no qk activation."""
+    return alpha * (F.silu(h_n @ k.transpose(1, 2)) @ v)  # (B, T, N) @ (B, N, d) -> (B, T, d)
 
 
 class TextOnly(Peer):
@@ -163,7 +78,7 @@ class TextOnly(Peer):
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, d)
         if torch.is_grad_enabled():
             embeds.requires_grad_(True)  # backward reaches the bottom of the LLM, as for the peers
-        return embeds, attention_mask, labels
+        return Inputs(embeds, attention_mask, labels)
 
     def train(self, mode: bool = True) -> "TextOnly":
         super().train(mode)
@@ -190,10 +105,9 @@ class AdemPeer(Peer):
             input_ids[~image_mask.to(input_ids.device).bool(), 1] = 0  # no image, no [cls]: a plain token
             attention_mask = insert_after_bos(attention_mask, 1)
             labels = None if labels is None else insert_after_bos(labels, IGNORE_INDEX)
-        return self.model.prepare(input_ids, pixel_values, image_mask), attention_mask, labels
-
-    def release(self) -> None:
-        self.model.memory.clear()
+        embeds, keys, values = self.model.prepare(input_ids, pixel_values, image_mask)
+        memory = self.model.memory.holding(keys, values, value_span=self.model.value_span())
+        return Inputs(embeds, attention_mask, labels, memory)
 
     def train(self, mode: bool = True) -> "AdemPeer":
         super().train(mode)
@@ -204,8 +118,7 @@ class AdemPeer(Peer):
 def memvp_config(config: AdemVLConfig, patches: int) -> AdemVLConfig:
     """MemVP inside our framework: one scale (the whole patch grid), no drop, no [cls].
 
-    qk_act "none": MemVP applies silu to the product h_n @ K^T, not to query and key
-    (VisualMemory(form="memvp")).
+    qk_act "none": MemVP applies silu to the product h_n @ K^T, not to query and key (`fuse_memvp`).
     """
     return config.replace(scales=(patches,), drop_ratio=0.0, use_cls=False, qk_act="none", base={})
 
@@ -254,7 +167,7 @@ class LlavaPeer(Peer):
         shown = image_mask.to(attention_mask.device).view(-1, 1).to(attention_mask.dtype)  # (B, 1)
         attention_mask = insert_after_bos(attention_mask, shown.expand(-1, self.extra_tokens))
         labels = None if labels is None else insert_after_bos(labels, IGNORE_INDEX, self.extra_tokens)
-        return embeds, attention_mask, labels
+        return Inputs(embeds, attention_mask, labels)
 
     def train(self, mode: bool = True) -> "LlavaPeer":
         super().train(mode)
@@ -275,15 +188,13 @@ def build_peer(method: str, llm: nn.Module, vision: nn.Module, config: AdemVLCon
         torch.manual_seed(seed)
         if method == "text-only":
             return TextOnly(llm)
-        if method in ("adem-vl", "adem-vl-reference"):
-            model = AdemVLModel(llm, vision, config.replace(base={}))
-            model.memory.reference = method == "adem-vl-reference"
-            return AdemPeer(model, method)
+        if method == "adem-vl":
+            return AdemPeer(AdemVLModel(llm, vision, config.replace(base={})), method)
+        if method == "adem-vl-reference":
+            return AdemPeer(AdemVLModel(llm, vision, config.replace(base={}), fusion=fuse_released), method)
         if method == "memvp":
             patches = (vision.config.image_size // vision.config.patch_size) ** 2
-            model = AdemVLModel(llm, vision, memvp_config(config, patches))
-            model.memory.form = "memvp"  # silu(h_n @ K^T) @ V, keys stored raw
-            return AdemPeer(model, method)
+            return AdemPeer(AdemVLModel(llm, vision, memvp_config(config, patches), fusion=fuse_memvp), method)
         return LlavaPeer(llm, vision, config.vision_layer, lora_rank=lora_rank)
 
 
