@@ -142,6 +142,11 @@ class AdemVLModel(nn.Module):
         super().train(mode)
         self.llm.eval()  # frozen: no dropout in the base models, ever
         self.vision.eval()
+        if mode and self._checkpointing:
+            # transformers recomputes a layer in backward only while that layer is in training mode;
+            # flag the decoder layers alone (not their submodules), so no dropout switches on.
+            for layer in decoder_layers(self.llm):
+                layer.training = True
         return self
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
@@ -166,6 +171,10 @@ class AdemVLModel(nn.Module):
             self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self._checkpointing = True
+        self.train(self.training)
+
+    _checkpointing = False
 
     # ---- forward ----------------------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor | None, image_mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -11,6 +11,7 @@ import torch
 
 from ademvl import AdemVLConfig
 from ademvl.cli import main
+from ademvl.model import decoder_layers
 
 from .conftest import perturb, samples, tiny_model
 
@@ -74,7 +75,10 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
             m.dropout.p = 0.0
         if ckpt:
             model.gradient_checkpointing_enable()
+        calls = []  # forward runs of layer 0's input norm: a recomputation in backward runs it again
+        decoder_layers(model.llm)[0].input_layernorm.register_forward_hook(lambda m, a, o: calls.append(1))
         model(**model.processor(samples())).loss.backward()
+        assert len(calls) == (2 if ckpt else 1)
         grads.append({k: p.grad.clone() for k, p in model.trainable_state_dict().items()})
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
