@@ -16,8 +16,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--llm-config", default="smollm2-135m-instruct",
                    help="config.json path or preset (llama-7b, llama-13b, llama2-7b, smollm2-135m-instruct, tiny-llama, ...)")
     p.add_argument("--vision-config", default="demo-clip",
-                   help="config.json path or preset (clip-vit-large-patch14, demo-clip, tiny-clip, ...)")
+                   help="config.json path or preset (clip-vit-large-patch14, demo-clip, tiny-clip, mobilenet-v2, ...)")
     p.add_argument("--scales", type=int, nargs="+", default=None, help="visual token scales (default 256 64)")
+    p.add_argument("--vision-layer", type=int, default=None,
+                   help="which hidden state of the tower to read (default -2; the demo's MobileNetV2 stage: -6)")
     p.set_defaults(func=run_params)
 
     g = sub.add_parser("generate", help="answer a prompt about an image with a trained checkpoint")
@@ -43,12 +45,13 @@ def param_report(llm: str, vision: str, config: AdemVLConfig | None = None) -> l
     total = sum(groups.values())
     lines = [f"LLM {llm}: d={model.config.base['hidden_size']}, {model.config.base['num_layers']} layers (frozen); "
              f"vision {vision}: width {model.config.base['vision_width']}, "
-             f"{len(model.vision.encoder.layers)} of {model.config.base['vision_blocks']} blocks run (frozen)",
+             f"{len(model.tower.blocks())} of {model.config.base['vision_blocks']} blocks run (frozen)"
+             + (f", a {model.tower.side}x{model.tower.side} grid at {model.preprocess.size} px" if model.tower.kind == "grid" else ""),
              f"visual tokens N = {' + '.join(map(str, model.config.scales))} = {model.config.num_visual_tokens}"]
     for name, n in groups.items():
         lines.append(f"  {name:<16} {n:>12,}")
     adapters = model.vision_adapters
-    if len(adapters) and model.config.vision_layer == -2:
+    if len(adapters) and model.config.vision_layer == -2 and model.tower.kind == "vit":
         per_block = sum(p.numel() for p in adapters[0].parameters())
         lines.append(f"released code: {total + per_block} ({RELEASED_EXTRA}: +{per_block}; we build no dead parameters)")
     lines.append(f"trainable: {total}")
@@ -56,7 +59,9 @@ def param_report(llm: str, vision: str, config: AdemVLConfig | None = None) -> l
 
 
 def run_params(args: argparse.Namespace) -> int:
-    config = AdemVLConfig() if args.scales is None else AdemVLConfig(scales=tuple(args.scales))
+    overrides = {"scales": tuple(args.scales)} if args.scales is not None else {}
+    overrides |= {"vision_layer": args.vision_layer} if args.vision_layer is not None else {}
+    config = AdemVLConfig(**overrides)
     print("\n".join(param_report(args.llm_config, args.vision_config, config)))
     return 0
 
