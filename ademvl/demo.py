@@ -30,7 +30,8 @@ from .tasks import shapes
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 RANDOM_TOWER_NOTE = ("The vision tower is a small CLIP ViT with **randomly initialised, frozen** weights (fixed seed): "
-                     "no pretrained vision weights can be had offline. The fusion learns to read a random feature "
+                     "no pretrained ViT weights can be had offline (the demo's default tower is an ImageNet CNN, "
+                     "`embedded:mobilenet-v2`). The fusion learns to read a random feature "
                      "extractor; with a pretrained tower (e.g. `--model.vision openai/clip-vit-large-patch14`) the same "
                      "code path applies unchanged.")
 PRETRAINED_CNN_NOTE = ("The vision tower is torchvision's **ImageNet-1k MobileNetV2, a CNN** (pretrained, frozen; the "
