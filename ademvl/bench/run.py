@@ -73,6 +73,9 @@ class BenchSettings:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible to torch; use --device cpu")
         shape = hub.shape_config(self.vision)
+        if not hasattr(shape, "patch_size"):
+            raise ValueError(f"--vision {self.vision}: the bench takes a ViT tower (CLIP or SigLIP), whose patch tokens "
+                             "the LLaVA-style and MemVP baselines read; a CNN grid tower is not benchmarked yet")
         grid = (shape.image_size // shape.patch_size) ** 2
         if max(self.config().scales) > grid:
             raise ValueError(f"--scales {' '.join(map(str, self.config().scales))}: the tower {self.vision} gives a grid "
