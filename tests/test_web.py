@@ -232,8 +232,21 @@ def ask(driver, question: str, image: Path | None = None, wait: bool = True) -> 
     box = driver.find_element(By.CSS_SELECTOR, "#question textarea")
     box.clear()
     box.send_keys(question)
+    before = driver.find_element(By.ID, "status").text
     driver.find_element(By.ID, "ask").click()
-    return finished(driver) if wait else ""
+    if not wait:
+        return ""
+    # The status still shows the previous request's final line until this one starts ("Generating...")
+    # or fails: wait for it to change, so that line is not read as this request's (a repeat of the
+    # very same message stays the same, hence the short wait).
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "status").text != before)
+    except TimeoutException:
+        pass
+    return finished(driver)
 
 
 def finished(driver) -> str:
