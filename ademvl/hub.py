@@ -41,6 +41,8 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from .files import atomic_directory
+
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
 EMBEDDED_VISION = "embedded:demo-clip"  # the random ViT: the default of the library and of `ademvl bench`
 EMBEDDED_CNN = "embedded:mobilenet-v2"  # the pretrained CNN: the demo's tower
@@ -176,13 +178,9 @@ def embedded_llm_dir() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():  # a half-written directory from an interrupted conversion
-        import shutil
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:  # replaces a half-written directory of an interrupted conversion
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return out
 
 

