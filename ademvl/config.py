@@ -60,12 +60,13 @@ def structured(cls: type[T], *sources: Any, what: str | None = None, where: str 
 
 
 def _schema_at(cls: type, dotted: str) -> type:
+    """The dataclass of a dotted section ("train" -> TrainConfig); NoneType where there is none."""
     for part in filter(None, dotted.split(".")):
-        hints = {f.name: f for f in dataclasses.fields(cls)}
-        f = hints.get(part)
-        if f is None or not (dataclasses.is_dataclass(f.default_factory) if f.default_factory is not dataclasses.MISSING else False):
+        f = {f.name: f for f in dataclasses.fields(cls)}.get(part)
+        factory = f.default_factory if f is not None else dataclasses.MISSING
+        if not dataclasses.is_dataclass(factory):
             return type(None)
-        cls = f.default_factory
+        cls = factory
     return cls
 
 

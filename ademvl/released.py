@@ -43,11 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from . import hub
 from .config import AdemVLConfig
+from .files import read_json, read_safetensors
 from .model import WEIGHTS_NAME, AdemVLModel, build_meta
 from .vision import truncate_tower
 
@@ -316,8 +316,8 @@ def export_released(checkpoint: str | Path, out: str | Path) -> Path:
     if not weights.exists():
         raise FileNotFoundError(f"{weights}: no ADEM-VL weights here")
     source = checkpoint / SOURCE_NAME
-    source_args = json.loads(source.read_text())["args"] if source.exists() else None
-    state = from_ademvl(load_file(str(weights)), config.base["vision_blocks"])
+    source_args = read_json(source, "the import record of ademvl import-released", dict).get("args") if source.exists() else None
+    state = from_ademvl(read_safetensors(weights, "the checkpoint's trainable weights"), config.base["vision_blocks"])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": state, "args": released_args(config, source_args)}, out)
