@@ -9,7 +9,8 @@ At every decoder layer's feed-forward block, with h_n = ffn_norm(h) the MLP inpu
 K and V do not depend on the layer, so act(K) is made once per forward (`VisualMemory.holding`).
 Faster than the released code (ademvl.bench.baselines.fuse_released): the threshold by a partial
 selection (topk of k+1, not a sort), only the k+1 candidates of a row touched in forward and in the
-hand-written backward, the MLP output added by the matmul; a decode step reads V factored.
+hand-written backward, the MLP output added by the matmul, dK and dV of all layers summed in place
+(`tie`); a decode step reads V factored.
 """
 
 from __future__ import annotations
@@ -82,43 +83,100 @@ def _attend(q: Tensor, k_act: Tensor, v: Tensor, residual: Tensor | None, alpha:
     return torch.baddbmm(residual, scores, v, alpha=alpha), scores, idx, drop  # residual + alpha A @ V
 
 
-class _Attend(torch.autograd.Function):
-    """`_attend`, its backward by hand: dA = alpha g V^T (dropped entries zeroed), dq = dA act(K),
-    d act(K) = dA^T q, dV = alpha A^T g. It keeps (B, T, k+1) indices, not a (B, T, N) mask."""
+class SharedGrads:
+    """dK and dV of one forward, summed in place by the layers' backwards (one `baddbmm_` into one
+    (B, N, d) buffer each) instead of a new (B, N, d) tensor per layer that autograd then adds up:
+    at 30 layers that is most of the fusion's backward memory traffic (docs/bench.md)."""
+
+    def __init__(self, want_k: bool, want_v: bool) -> None:
+        self.want_k, self.want_v = want_k, want_v
+        self.dk: Tensor | None = None
+        self.dv: Tensor | None = None
+
+    def add(self, name: str, a: Tensor, b: Tensor, alpha: float = 1.0) -> None:
+        """self.<name> += alpha * a @ b (batched); the first layer's product becomes the buffer."""
+        acc = getattr(self, name)
+        if acc is None:
+            setattr(self, name, torch.bmm(a, b).mul_(alpha) if alpha != 1.0 else torch.bmm(a, b))
+        else:
+            acc.baddbmm_(a, b, alpha=alpha)
+
+
+class _Tie(torch.autograd.Function):
+    """A scalar that ties every layer's fusion to act(K) and V. Autograd runs its backward once,
+    after the backwards of all layers that read it, and it hands their summed dK, dV back."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k_act: Tensor, v: Tensor, residual: Tensor | None, alpha: float, n_drop: int) -> Tensor:
+    def forward(ctx, k_act: Tensor, v: Tensor, grads: SharedGrads) -> Tensor:
+        ctx.grads = grads
+        return k_act.new_zeros(())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, _: Tensor):
+        return ctx.grads.dk, ctx.grads.dv, None
+
+
+def tie(k_act: Tensor, v: Tensor) -> tuple[Tensor, SharedGrads] | None:
+    """(anchor, SharedGrads) for `fuse(..., tie=...)` when K or V wants a gradient, else None."""
+    if not (torch.is_grad_enabled() and (k_act.requires_grad or v.requires_grad)):
+        return None
+    grads = SharedGrads(k_act.requires_grad, v.requires_grad)
+    return _Tie.apply(k_act, v, grads), grads
+
+
+class _Attend(torch.autograd.Function):
+    """`_attend`, its backward by hand: dA = alpha g V^T (dropped entries zeroed), dq = dA act(K),
+    d act(K) = dA^T q, dV = alpha A^T g. It keeps (B, T, k+1) indices, not a (B, T, N) mask.
+    With `grads` (a `tie`), K and V come in detached and dK, dV go into the shared buffers."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k_act: Tensor, v: Tensor, residual: Tensor | None, alpha: float, n_drop: int,
+                anchor: Tensor | None = None, grads: SharedGrads | None = None) -> Tensor:
         out, scores, idx, drop = _attend(q, k_act, v, residual, alpha, n_drop)
         ctx.save_for_backward(q, k_act, v, scores, idx, drop)
-        ctx.alpha, ctx.has_residual = alpha, residual is not None
+        ctx.alpha, ctx.has_residual, ctx.grads = alpha, residual is not None, grads
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):
         q, k_act, v, scores, idx, drop = ctx.saved_tensors
+        shared: SharedGrads | None = ctx.grads
         need_q, need_k, need_v, need_res = ctx.needs_input_grad[:4]
+        if shared is not None:
+            need_k, need_v = shared.want_k, shared.want_v
         dq = dk = dv = None
         if need_q or need_k:
             ds = torch.bmm(g, v.transpose(1, 2)).mul_(ctx.alpha)  # (B, T, N)
             if idx is not None:
                 _zero_dropped_(ds, idx, drop)  # no gradient through a dropped entry
             dq = torch.bmm(ds, k_act) if need_q else None  # (B, T, d)
-            dk = torch.bmm(ds.transpose(1, 2), q) if need_k else None  # (B, N, d)
-        if need_v:
+            if need_k and shared is not None:
+                shared.add("dk", ds.transpose(1, 2), q)
+            elif need_k:
+                dk = torch.bmm(ds.transpose(1, 2), q)  # (B, N, d)
+        if need_v and shared is not None:
+            shared.add("dv", scores.transpose(1, 2), g, ctx.alpha)
+        elif need_v:
             dv = torch.bmm(scores.transpose(1, 2), g).mul_(ctx.alpha)  # (B, N, d)
-        return dq, dk, dv, (g if need_res and ctx.has_residual else None), None, None
+        d_anchor = None if shared is None else g.new_zeros(())
+        return dq, dk, dv, (g if need_res and ctx.has_residual else None), None, None, d_anchor, None
 
 
 def fuse(h_n: Tensor, k_act: Tensor, v: Tensor, alpha: float, drop_ratio: float, qk_act: str,
-         residual: Tensor | None = None) -> Tensor:
-    """[residual +] alpha * drop(act(h_n) @ k_act^T) @ v, with k_act = act(K) made once.  -> (B, T, d)"""
+         residual: Tensor | None = None, tie: tuple[Tensor, SharedGrads] | None = None) -> Tensor:
+    """[residual +] alpha * drop(act(h_n) @ k_act^T) @ v, with k_act = act(K) made once.  -> (B, T, d)
+
+    tie: `tie(k_act, v)` of this forward, shared by every layer: dK, dV are summed in place."""
     q = qk_activation(h_n, qk_act)  # (B, T, d)
     n_drop = num_dropped(k_act.shape[1], drop_ratio)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_act, v, residual))):
         return _attend(q, k_act, v, residual, alpha, n_drop)[0]  # inference: no autograd bookkeeping
     device = q.device.type
     if not torch.is_autocast_enabled(device):
+        if tie is not None:
+            return _Attend.apply(q, k_act.detach(), v.detach(), residual, alpha, n_drop, *tie)
         return _Attend.apply(q, k_act, v, residual, alpha, n_drop)
     dt = torch.get_autocast_dtype(device)  # the Function's backward runs outside autocast: one dtype in
     with torch.autocast(device, enabled=False):
@@ -174,7 +232,9 @@ class VisualMemory(nn.Module):
         self.values: Tensor | None = None  # (B, N, d)
         self._span: tuple[Tensor, Tensor] | None = None  # (E_v (N, d), [W2 | b2] (d, r))
         self._low_rank: LowRankValues | None = None  # made from them at the first decode step
+        self._tie: tuple[Tensor, SharedGrads] | None = None  # dK, dV summed in place (`tie`) in training
         self._fuse: Callable[..., Tensor] = fuse
+        self._compiled = False
 
     @contextlib.contextmanager
     def holding(self, k: Tensor, v: Tensor, repeat: int = 1,
@@ -185,25 +245,27 @@ class VisualMemory(nn.Module):
         if repeat > 1:
             keys, v = keys.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
         low_rank = value_span is not None and self.fusion is None and value_span[1].shape[1] < v.shape[-1]
-        with self._held(keys, v, value_span if low_rank else None):
+        tied = tie(keys, v) if self.fusion is None and not self._compiled else None
+        with self._held(keys, v, value_span if low_rank else None, tied):
             yield self
 
     @contextlib.contextmanager
-    def _held(self, keys: Tensor | None, values: Tensor | None, span=None) -> Iterator["VisualMemory"]:
-        before = self.keys, self.values, self._span, self._low_rank
-        self.keys, self.values, self._span, self._low_rank = keys, values, span, None
+    def _held(self, keys: Tensor | None, values: Tensor | None, span=None, tied=None) -> Iterator["VisualMemory"]:
+        before = self.keys, self.values, self._span, self._low_rank, self._tie
+        self.keys, self.values, self._span, self._low_rank, self._tie = keys, values, span, None, tied
         try:
             yield self
         finally:
-            self.keys, self.values, self._span, self._low_rank = before
+            self.keys, self.values, self._span, self._low_rank, self._tie = before
 
     def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         """torch.utils.checkpoint's context_fn: a layer recomputed in backward holds what its forward read."""
-        return contextlib.nullcontext(), self._held(self.keys, self.values)
+        return contextlib.nullcontext(), self._held(self.keys, self.values, None, self._tie)
 
     def compile(self, **compile_kwargs) -> "VisualMemory":
-        """`fuse` through torch.compile; static shapes: the backward does not trace with dynamic=True."""
-        self._fuse = torch.compile(fuse, **{"dynamic": False, **compile_kwargs})
+        """`fuse` through torch.compile (without `tie`: autograd sums dK, dV); static shapes: the
+        backward does not trace with dynamic=True."""
+        self._fuse, self._compiled = torch.compile(fuse, **{"dynamic": False, **compile_kwargs}), True
         return self
 
     def forward(self, h_n: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -213,6 +275,8 @@ class VisualMemory(nn.Module):
                 self._low_rank = LowRankValues.of(self.values, *self._span)
             return fuse_low_rank(h_n, self.keys, self._low_rank, self.alpha, self.drop_ratio, self.qk_act, residual)
         if self.fusion is None:
+            if self._tie is not None:
+                return fuse(h_n, self.keys, self.values, self.alpha, self.drop_ratio, self.qk_act, residual, self._tie)
             return self._fuse(h_n, self.keys, self.values, self.alpha, self.drop_ratio, self.qk_act, residual)
         out = self.fusion(h_n, self.keys, self.values, self.alpha, self.drop_ratio, self.qk_act)
         return out if residual is None else residual + out

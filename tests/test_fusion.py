@@ -134,6 +134,34 @@ def test_hand_written_backward_matches_autograd_of_the_reference(with_residual: 
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("want", ["k and v", "k only", "v only"])
+def test_memory_sums_dk_dv_in_place_to_autograds_gradients(want: str) -> None:
+    """Through VisualMemory (three layers reading one act(K), V; one checkpointed as the model's
+    are), the shared in-place dK / dV buffers give autograd's sum of the layers' gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    k = torch.randn(2, 20, 16, dtype=torch.float64, requires_grad=want != "v only")
+    v = torch.randn(2, 20, 16, dtype=torch.float64, requires_grad=want != "k only")
+    hs = [torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    gs = [torch.randn(2, 7, 16, dtype=torch.float64) for _ in range(3)]
+    leaves = [t for t in (*hs, k, v) if t.requires_grad]
+    memory = VisualMemory(0.1, 0.1, "silu")
+
+    with memory.holding(k, v):
+        assert memory._tie is not None
+        outs = [memory(hs[0]), memory(hs[1], residual=hs[1] * 2),
+                checkpoint(memory, hs[2], use_reentrant=False, context_fn=memory.checkpoint_contexts)]
+        tied = torch.autograd.grad(outs, leaves, gs)
+    k_act = qk_activation(k, "silu")
+    plain = [fuse(hs[0], k_act, v, 0.1, 0.1, "silu"), fuse(hs[1], k_act, v, 0.1, 0.1, "silu", residual=hs[1] * 2),
+             fuse(hs[2], k_act, v, 0.1, 0.1, "silu")]
+    for a, b in zip(tied, torch.autograd.grad(plain, leaves, gs)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad(), memory.holding(k, v):
+        assert memory._tie is None  # inference keeps no buffers
+
+
 @pytest.mark.parametrize("act", ["silu", "none", "relu", "elu", "softmax", "silu_positive"])
 def test_low_rank_decode_equals_dense_at_the_embedded_shape(act: str) -> None:
     """B 8, one new token, N 320, d 576, hidden_proj 128, one sample without an image: V factored

@@ -12,7 +12,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..config import AdemVLConfig
-from ..fusion import LowRankValues, drop_mask, fuse, fuse_low_rank, num_dropped, qk_activation
+from ..fusion import LowRankValues, drop_mask, fuse, fuse_low_rank, num_dropped, qk_activation, tie
 from .baselines import fuse_released, released_drop_mask
 from .measure import rounds, timed
 
@@ -24,9 +24,9 @@ def fusion_bench(batch: int, text_len: int, n_visual: int, d: int, layers: int, 
     """Our fused path against the released code's, forward + backward through `layers` layers.
 
     Each layer gets its own h_n and MLP output (B, T, d); all share the keys and values (B, N, d),
-    as in the model. Ours activates the keys once and runs `fuse` (partial selection,
-    hand-written backward, MLP output added in the matmul); the reference re-activates the keys and
-    sorts every row in every layer. Gradients flow to h_n, K, V and the MLP outputs, as in training.
+    as in the model. Ours activates the keys once and runs `fuse` (partial selection, hand-written
+    backward, MLP output added in the matmul, dK and dV summed in place); the reference
+    re-activates the keys and sorts every row in every layer. Gradients flow to h_n, K, V and the MLP outputs, as in training.
     Also checks that both give the same outputs and gradients and drop the same entries.
     """
     device = torch.device(device)
@@ -44,7 +44,10 @@ def fusion_bench(batch: int, text_len: int, n_visual: int, d: int, layers: int, 
 
     def ours(f: Callable[..., Tensor] = fuse) -> list[Tensor]:
         k_act = qk_activation(k, act)  # once per forward, shared by all layers
-        return [f(hn, k_act, v, a, gamma, act, m) for hn, m in zip(h, mlp)]
+        if f is not fuse:  # compiled: autograd sums the layers' dK, dV
+            return [f(hn, k_act, v, a, gamma, act, m) for hn, m in zip(h, mlp)]
+        tied = tie(k_act, v)  # dK, dV summed in place, as VisualMemory does
+        return [f(hn, k_act, v, a, gamma, act, m, tied) for hn, m in zip(h, mlp)]
 
     def reference() -> list[Tensor]:
         return [m + fuse_released(hn, k, v, a, gamma, act) for hn, m in zip(h, mlp)]
