@@ -83,28 +83,25 @@ def _attend(q: Tensor, k_act: Tensor, v: Tensor, residual: Tensor | None, alpha:
     return torch.baddbmm(residual, scores, v, alpha=alpha), scores, idx, drop  # residual + alpha A @ V
 
 
+@dataclass
 class SharedGrads:
-    """dK and dV of one forward, summed in place by the layers' backwards (one `baddbmm_` into one
-    (B, N, d) buffer each) instead of a new (B, N, d) tensor per layer that autograd then adds up:
-    at 30 layers that is most of the fusion's backward memory traffic (docs/bench.md)."""
+    """dK and dV of one forward, summed in place by the layers' backwards (`baddbmm_` into one
+    (B, N, d) buffer each) instead of a new (B, N, d) tensor per layer that autograd then adds up."""
 
-    def __init__(self, want_k: bool, want_v: bool) -> None:
-        self.want_k, self.want_v = want_k, want_v
-        self.dk: Tensor | None = None
-        self.dv: Tensor | None = None
+    want_k: bool
+    want_v: bool
+    dk: Tensor | None = None
+    dv: Tensor | None = None
 
     def add(self, name: str, a: Tensor, b: Tensor, alpha: float = 1.0) -> None:
-        """self.<name> += alpha * a @ b (batched); the first layer's product becomes the buffer."""
+        """self.<name> += alpha * a @ b (batched); the first product becomes the buffer."""
         acc = getattr(self, name)
-        if acc is None:
-            setattr(self, name, torch.bmm(a, b).mul_(alpha) if alpha != 1.0 else torch.bmm(a, b))
-        else:
-            acc.baddbmm_(a, b, alpha=alpha)
+        setattr(self, name, torch.bmm(a, b).mul_(alpha) if acc is None else acc.baddbmm_(a, b, alpha=alpha))
 
 
 class _Tie(torch.autograd.Function):
     """A scalar that ties every layer's fusion to act(K) and V. Autograd runs its backward once,
-    after the backwards of all layers that read it, and it hands their summed dK, dV back."""
+    after the backwards of all layers that read it: it hands their summed dK, dV back."""
 
     @staticmethod
     def forward(ctx, k_act: Tensor, v: Tensor, grads: SharedGrads) -> Tensor:
@@ -112,7 +109,6 @@ class _Tie(torch.autograd.Function):
         return k_act.new_zeros(())
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, _: Tensor):
         return ctx.grads.dk, ctx.grads.dv, None
 
@@ -142,25 +138,19 @@ class _Attend(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):
         q, k_act, v, scores, idx, drop = ctx.saved_tensors
-        shared: SharedGrads | None = ctx.grads
-        need_q, need_k, need_v, need_res = ctx.needs_input_grad[:4]
-        if shared is not None:
-            need_k, need_v = shared.want_k, shared.want_v
-        dq = dk = dv = None
-        if need_q or need_k:
+        need_q, need_res, own = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.grads is None
+        acc = SharedGrads(*ctx.needs_input_grad[1:3]) if own else ctx.grads  # without a tie: this layer's own
+        dq = None
+        if need_q or acc.want_k:
             ds = torch.bmm(g, v.transpose(1, 2)).mul_(ctx.alpha)  # (B, T, N)
             if idx is not None:
                 _zero_dropped_(ds, idx, drop)  # no gradient through a dropped entry
             dq = torch.bmm(ds, k_act) if need_q else None  # (B, T, d)
-            if need_k and shared is not None:
-                shared.add("dk", ds.transpose(1, 2), q)
-            elif need_k:
-                dk = torch.bmm(ds.transpose(1, 2), q)  # (B, N, d)
-        if need_v and shared is not None:
-            shared.add("dv", scores.transpose(1, 2), g, ctx.alpha)
-        elif need_v:
-            dv = torch.bmm(scores.transpose(1, 2), g).mul_(ctx.alpha)  # (B, N, d)
-        d_anchor = None if shared is None else g.new_zeros(())
+            if acc.want_k:
+                acc.add("dk", ds.transpose(1, 2), q)  # += dA^T q (B, N, d)
+        if acc.want_v:
+            acc.add("dv", scores.transpose(1, 2), g, ctx.alpha)  # += alpha A^T g (B, N, d)
+        dk, dv, d_anchor = (acc.dk, acc.dv, None) if own else (None, None, g.new_zeros(()))
         return dq, dk, dv, (g if need_res and ctx.has_residual else None), None, None, d_anchor, None
 
 
