@@ -173,13 +173,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.checkpoint, args.host, args.port, args.llm, args.vision, args.examples)
 
 
-def param_report(llm: str, vision: str, scales: list[int] | None = None, vision_layer: int | None = None) -> list[str]:
+def param_report(llm: str, vision: str, scales: list[int] | None = None, vision_layer: int | None = None,
+                 adapter_dim: int | None = None) -> list[str]:
     """Lines of `ademvl params`: groups, the released code's count, and `trainable: N` last."""
     from .config import AdemVLConfig
     from .model import build_meta
 
     overrides = {"scales": tuple(scales)} if scales is not None else {}
     overrides |= {"vision_layer": vision_layer} if vision_layer is not None else {}
+    overrides |= {"adapter_dim": adapter_dim} if adapter_dim is not None else {}
     model = build_meta(llm, vision, AdemVLConfig(**overrides))
     base, groups = model.config.base, model.parameter_groups()
     total = sum(groups.values())
@@ -197,7 +199,7 @@ def param_report(llm: str, vision: str, scales: list[int] | None = None, vision_
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    print("\n".join(param_report(args.llm_config, args.vision_config, args.scales, args.vision_layer)))
+    print("\n".join(param_report(args.llm_config, args.vision_config, args.scales, args.vision_layer, args.adapter_dim)))
     return 0
 
 
@@ -278,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=int, nargs="+", default=None, help="visual token scales (default 256 64)")
     p.add_argument("--vision-layer", type=int, default=None,
                    help="which hidden state of the tower to read (default -2; the demo's MobileNetV2 stage: -12)")
+    p.add_argument("--adapter-dim", type=int, default=None,
+                   help="vision adapter width (default 12; 0 = no vision adapters, as the demo's MobileNetV2)")
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("data", help="make datasets")

@@ -130,3 +130,13 @@ def test_params_command_counts_the_mobilenet_tower(capsys) -> None:
     expected = sum(2 * w * 12 for w in widths) + 2 * ((c * 128 + 128) + (128 * d + d)) + 2 * n * d
     assert "13 of 18 blocks run (frozen), a 14x14 grid at 224 px" in lines[0]
     assert lines[-1] == f"trainable: {expected}" and not any(line.startswith("released code") for line in lines)
+
+
+def test_params_command_counts_the_demo_without_vision_adapters(capsys) -> None:
+    """The demo's setting (block 6, adapter_dim 0): projectors and position tables only."""
+    assert main(["params", "--vision-config", "mobilenet-v2", "--vision-layer", "-12", "--scales", "196", "49",
+                 "--adapter-dim", "0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    d, c, n = 576, 64, 196 + 49
+    assert lines[-1] == f"trainable: {2 * ((c * 128 + 128) + (128 * d + d)) + 2 * n * d}" == "trainable: 447488"
+    assert not any("vision_adapters" in line for line in lines)

@@ -44,7 +44,7 @@ PRETRAINED_CNN_NOTE = ("The vision tower is torchvision's **ImageNet-1k MobileNe
 
 
 # Settings of the config that belong to its tower: how deep to read and the grid's scales.
-TOWER_KEYS = ("vision_layer", "scales")
+TOWER_KEYS = ("vision_layer", "scales", "adapter_dim")
 
 
 def tower_settings(config: str | Path, overrides: list[str]) -> RunConfig:
@@ -52,8 +52,8 @@ def tower_settings(config: str | Path, overrides: list[str]) -> RunConfig:
     settings do not apply.
 
     ademvl/configs/demo.yaml reads the MobileNetV2's stride-16 stage (vision_layer -12, a 14x14
-    grid); `--model.vision embedded:demo-clip` then gets the paper's -2 and (256, 64) unless those
-    keys are given on the command line too.
+    grid) without vision adapters; `--model.vision embedded:demo-clip` then gets the paper's -2,
+    (256, 64) and 12-wide adapters unless those keys are given on the command line too.
     """
     cfg, file_cfg = load_run_config(config, overrides), load_run_config(config)
     if cfg.model.vision != file_cfg.model.vision:
