@@ -110,7 +110,9 @@ class _Tie(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _: Tensor):
-        return ctx.grads.dk, ctx.grads.dv, None
+        g = ctx.grads
+        (dk, dv), g.dk, g.dv = (g.dk, g.dv), None, None  # emptied: a second backward (retain_graph) starts at 0
+        return dk, dv, None
 
 
 def tie(k_act: Tensor, v: Tensor) -> tuple[Tensor, SharedGrads] | None:

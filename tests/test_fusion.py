@@ -153,11 +153,16 @@ def test_memory_sums_dk_dv_in_place_to_autograds_gradients(want: str) -> None:
         outs = [memory(hs[0]), memory(hs[1], residual=hs[1] * 2),
                 checkpoint(memory, hs[2], use_reentrant=False, context_fn=memory.checkpoint_contexts)]
         tied = torch.autograd.grad(outs, leaves, gs)
+    with memory.holding(k, v):
+        two = [memory(hs[0]), memory(hs[1], residual=hs[1] * 2), memory(hs[2])]
+        once = torch.autograd.grad(two, leaves, gs, retain_graph=True)
+        again = torch.autograd.grad(two, leaves, gs)  # a second backward of the same graph: not summed twice
     k_act = qk_activation(k, "silu")
     plain = [fuse(hs[0], k_act, v, 0.1, 0.1, "silu"), fuse(hs[1], k_act, v, 0.1, 0.1, "silu", residual=hs[1] * 2),
              fuse(hs[2], k_act, v, 0.1, 0.1, "silu")]
-    for a, b in zip(tied, torch.autograd.grad(plain, leaves, gs)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b, c, e in zip(tied, torch.autograd.grad(plain, leaves, gs), once, again):
+        for x in (a, c, e):
+            torch.testing.assert_close(x, b, rtol=1e-12, atol=1e-12)
     with torch.no_grad(), memory.holding(k, v):
         assert memory._tie is None  # inference keeps no buffers
 
