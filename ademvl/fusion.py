@@ -226,7 +226,6 @@ class VisualMemory(nn.Module):
         self._low_rank: LowRankValues | None = None  # made from them at the first decode step
         self._tie: tuple[Tensor, SharedGrads] | None = None  # dK, dV summed in place (`tie`) in training
         self._fuse: Callable[..., Tensor] = fuse
-        self._compiled = False
 
     @contextlib.contextmanager
     def holding(self, k: Tensor, v: Tensor, repeat: int = 1,
@@ -237,7 +236,7 @@ class VisualMemory(nn.Module):
         if repeat > 1:
             keys, v = keys.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
         low_rank = value_span is not None and self.fusion is None and value_span[1].shape[1] < v.shape[-1]
-        tied = tie(keys, v) if self.fusion is None and not self._compiled else None
+        tied = tie(keys, v) if self.fusion is None and self._fuse is fuse else None  # compiled: autograd sums
         with self._held(keys, v, value_span if low_rank else None, tied):
             yield self
 
@@ -257,7 +256,7 @@ class VisualMemory(nn.Module):
     def compile(self, **compile_kwargs) -> "VisualMemory":
         """`fuse` through torch.compile (without `tie`: autograd sums dK, dV); static shapes: the
         backward does not trace with dynamic=True."""
-        self._fuse, self._compiled = torch.compile(fuse, **{"dynamic": False, **compile_kwargs}), True
+        self._fuse = torch.compile(fuse, **{"dynamic": False, **compile_kwargs})
         return self
 
     def forward(self, h_n: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -267,9 +266,7 @@ class VisualMemory(nn.Module):
                 self._low_rank = LowRankValues.of(self.values, *self._span)
             return fuse_low_rank(h_n, self.keys, self._low_rank, self.alpha, self.drop_ratio, self.qk_act, residual)
         if self.fusion is None:
-            if self._tie is not None:
-                return fuse(h_n, self.keys, self.values, self.alpha, self.drop_ratio, self.qk_act, residual, self._tie)
-            return self._fuse(h_n, self.keys, self.values, self.alpha, self.drop_ratio, self.qk_act, residual)
+            return self._fuse(h_n, self.keys, self.values, self.alpha, self.drop_ratio, self.qk_act, residual, self._tie)
         out = self.fusion(h_n, self.keys, self.values, self.alpha, self.drop_ratio, self.qk_act)
         return out if residual is None else residual + out
 

@@ -44,9 +44,7 @@ def fusion_bench(batch: int, text_len: int, n_visual: int, d: int, layers: int, 
 
     def ours(f: Callable[..., Tensor] = fuse) -> list[Tensor]:
         k_act = qk_activation(k, act)  # once per forward, shared by all layers
-        if f is not fuse:  # compiled: autograd sums the layers' dK, dV
-            return [f(hn, k_act, v, a, gamma, act, m) for hn, m in zip(h, mlp)]
-        tied = tie(k_act, v)  # dK, dV summed in place, as VisualMemory does
+        tied = tie(k_act, v) if f is fuse else None  # dK, dV summed in place, as VisualMemory does (compiled: not)
         return [f(hn, k_act, v, a, gamma, act, m, tied) for hn, m in zip(h, mlp)]
 
     def reference() -> list[Tensor]:
