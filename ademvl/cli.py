@@ -179,10 +179,8 @@ def param_report(llm: str, vision: str, scales: list[int] | None = None, vision_
     from .config import AdemVLConfig
     from .model import build_meta
 
-    overrides = {"scales": tuple(scales)} if scales is not None else {}
-    overrides |= {"vision_layer": vision_layer} if vision_layer is not None else {}
-    overrides |= {"adapter_dim": adapter_dim} if adapter_dim is not None else {}
-    model = build_meta(llm, vision, AdemVLConfig(**overrides))
+    given = {"scales": tuple(scales) if scales is not None else None, "vision_layer": vision_layer, "adapter_dim": adapter_dim}
+    model = build_meta(llm, vision, AdemVLConfig(**{k: v for k, v in given.items() if v is not None}))
     base, groups = model.config.base, model.parameter_groups()
     total = sum(groups.values())
     lines = [f"LLM {llm}: d={base['hidden_size']}, {base['num_layers']} layers (frozen); "

@@ -10,9 +10,10 @@ problems (train split: fit; val + test: score), features per channel standardise
     bag    a per-position MLP (C -> 32 -> 16), summed over the grid, then linear: the shape of
            the fusion's sum over visual tokens
 
-    python scripts/probe_count.py [--data runs/demo/data] [--blocks 6,7,12,13,16] [--size 224]
+    python scripts/probe_count.py [--data runs/demo/data] [--blocks 6,7,12,13,16]
 
-Prints one line per block. Full-batch Adam, 300 epochs, seed 0 (a few minutes on 2 cores).
+Images get the tower's own preprocessing (224 px, ImageNet mean/std), as in the demo. Prints one
+line per block. Full-batch Adam, 300 epochs, seed 0 (a few minutes on 2 cores).
 """
 from __future__ import annotations
 
@@ -25,10 +26,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ademvl import hub
+from ademvl.config import AdemVLConfig
 from ademvl.tasks import shapes
-from ademvl.vision import image_to_tensor, make_tower
-
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+from ademvl.vision import make_tower
 
 
 def block_outputs(tower, images: Tensor, wanted: list[int]) -> dict[int, Tensor]:
@@ -75,24 +75,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("runs/demo/data"))
     ap.add_argument("--blocks", default="6,7,12,13,16", help="MobileNetV2 blocks (0 = stem; the demo reads 6)")
-    ap.add_argument("--size", type=int, default=224, help="input side in pixels")
     args = ap.parse_args()
     if not (args.data / "problems.json").exists():
         shapes.write_dataset(args.data, 4000, 0)
     problems = json.loads((args.data / "problems.json").read_text())
     wanted = [int(b) for b in args.blocks.split(",")]
     tower = make_tower(hub.load_vision(hub.EMBEDDED_CNN).eval())
+    pre = tower.preprocess(AdemVLConfig())  # what the demo feeds the tower
     maps, labels = {}, {}
     for split in ("train", "val", "test"):
         chosen = [(pid, p) for pid, p in problems.items() if p["qtype"] == "count" and p["split"] == split]
-        images = torch.stack([image_to_tensor(Image.open(args.data / "images" / split / pid / p["image"]).convert("RGB"),
-                                              args.size, *IMAGENET) for pid, p in chosen])
+        images = torch.stack([pre(Image.open(args.data / "images" / split / pid / p["image"])) for pid, p in chosen])
         maps[split], labels[split] = block_outputs(tower, images, wanted), torch.tensor([p["answer"] for _, p in chosen])
     y_test = torch.cat([labels["val"], labels["test"]])
     for b in wanted:
         train, test = maps["train"][b], torch.cat([maps["val"][b], maps["test"][b]])
         mean, bag = fit(train, labels["train"], test, y_test, False), fit(train, labels["train"], test, y_test, True)
-        print(f"block {b} ({train.shape[1]} wide, {train.shape[2]}x{train.shape[3]} grid at {args.size} px): "
+        print(f"block {b} ({train.shape[1]} wide, {train.shape[2]}x{train.shape[3]} grid at {pre.size} px): "
               f"mean probe {mean[0]:.1f}% (train {mean[1]:.0f}%), bag probe {bag[0]:.1f}% (train {bag[1]:.0f}%)")
 
 
