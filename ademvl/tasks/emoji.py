@@ -212,12 +212,17 @@ def eval_samples(o: EvalOptions) -> list[Sample]:
     if not known:
         raise InputError(folder, f"none of its {len(files)} image files is named by an emoji's code points",
                          "name them like 1f34e.png or 2764-fe0f.png (the Twemoji / OpenMoji PNG folders' naming)")
+    return samples_for(known[: o.limit], concepts, tuple(o.qtypes), o.seed, o.blank_images)
+
+
+def samples_for(files: list[Path], concepts: dict[str, Concept], qtypes: tuple[str, ...] = ALL_QUESTIONS, seed: int = 0,
+                blank: bool = False) -> list[Sample]:
+    """The questions about each image file (named by its concept's code points), as samples."""
     samples = []
-    for p in known[: o.limit]:
+    for p in files:
         c = concepts[key_of(p)]
-        for q in questions(c, concepts, f"{o.seed}/{p.name}", tuple(o.qtypes)):
-            samples.append(Sample(f"{p.name}:{q['qtype']}", None if o.blank_images else str(p),
-                                  [(prompt_of(q["question"]), q["answer"])],
+        for q in questions(c, concepts, f"{seed}/{p.name}", qtypes):
+            samples.append(Sample(f"{p.name}:{q['qtype']}", None if blank else str(p), [(prompt_of(q["question"]), q["answer"])],
                                   meta={"file": p.name, "key": c.key, "qtype": q["qtype"], "truth": q["truth"],
                                         "choices": q.get("choices")}))
     return samples
