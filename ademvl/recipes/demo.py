@@ -180,12 +180,25 @@ def plot_drop_rows(model: AdemVLModel, rows: list[tuple[Any, Any, str]], path: P
 
 
 # ---- the run ---------------------------------------------------------------------------------
+def fit(cfg: RunConfig, out: Path, times: dict[str, float]) -> dict[str, Any]:
+    """Train as `ademvl train` does, into OUT/checkpoint; times["setup_s"], times["train_s"] set."""
+    from .train import Trainer
+
+    for old in ("log.jsonl", "summary.json"):
+        (out / old).unlink(missing_ok=True)  # a fresh run, not an append to an earlier one
+    t = time.time()
+    trainer = Trainer(cfg)  # builds the models (the embedded LLM is converted once, then cached)
+    times["setup_s"] = time.time() - t
+    summary = trainer.fit()
+    times["train_s"] = summary["wall_s"]
+    return summary
+
+
+# ---- the demo ---------------------------------------------------------------------------------
 def run_demo(out: str | Path = "runs/demo", config: str | Path = REPO_CONFIG, n: int = 4000, seed: int = 0,
              overrides: list[str] | None = None, batch_size: int = 16) -> dict[str, Any]:
     """Everything `ademvl demo` does; returns what report.json holds."""
     from accelerate.utils import set_seed
-
-    from .train import Trainer
 
     t_start = time.time()
     out = Path(out)
@@ -199,14 +212,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path = REPO_CONFIG, n:
     times["data_s"] = time.time() - t
 
     cfg = tower_settings(config, [*(overrides or []), f"data.root={data}", f"train.output_dir={out}", f"train.seed={seed}"])
-    for old in ("log.jsonl", "summary.json"):
-        (out / old).unlink(missing_ok=True)  # a fresh run, not an append to an earlier one
-    t = time.time()
-    trainer = Trainer(cfg)  # builds the models (the embedded LLM is converted once, then cached)
-    times["setup_s"] = time.time() - t
-    summary = trainer.fit()
-    times["train_s"] = summary["wall_s"]
-    del trainer
+    summary = fit(cfg, out, times)
 
     t = time.time()
     model = AdemVLModel.from_pretrained(out / "checkpoint")

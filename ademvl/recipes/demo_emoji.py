@@ -25,7 +25,7 @@ from ..config import config_path, load_run_config
 from ..data import Sample
 from ..model import AdemVLModel
 from ..tasks import emoji as task
-from .demo import changes, plot_drop_rows, plot_loss, tower_note
+from .demo import changes, fit, plot_drop_rows, plot_loss, tower_note
 
 REPO_CONFIG = config_path("demo_emoji")
 CHANGES_DOC = "docs/emoji.md"
@@ -99,8 +99,6 @@ def run_emoji_demo(out: str | Path = "runs/demo", config: str | Path = REPO_CONF
     """Everything `ademvl demo` does; returns what report.json holds."""
     from accelerate.utils import set_seed
 
-    from .train import Trainer
-
     t_start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,14 +111,7 @@ def run_emoji_demo(out: str | Path = "runs/demo", config: str | Path = REPO_CONF
 
     cfg = load_run_config(config, [*(overrides or []), f"data.path={data / 'llava_train.json'}", f"train.output_dir={out}",
                                    f"train.seed={seed}"])
-    for old in ("log.jsonl", "summary.json"):
-        (out / old).unlink(missing_ok=True)
-    t = time.time()
-    trainer = Trainer(cfg)
-    times["setup_s"] = time.time() - t
-    summary = trainer.fit()
-    times["train_s"] = summary["wall_s"]
-    del trainer
+    summary = fit(cfg, out, times)
 
     t = time.time()
     model = AdemVLModel.from_pretrained(out / "checkpoint")
