@@ -324,12 +324,11 @@ def unseen_concepts(concepts: dict[str, Concept], seed: int = 0, fraction: float
 
 @dataclass
 class Corpus:
+    """The concepts that have an image, every image, and the concepts held out of training."""
+
     concepts: dict[str, Concept]
     items: list[Item]
     unseen: set[str] = field(default_factory=set)
-
-    def split(self, name: str) -> list[Item]:
-        return [i for i in self.items if i.split == name]
 
 
 def build(out: str | Path, vendors: Iterable[str] = VENDORS, size: int = SIZE, seed: int = 0, workers: int = 2,

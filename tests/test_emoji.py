@@ -312,3 +312,15 @@ def test_emoji_demo_end_to_end(packages, tmp_path, monkeypatch):
     for f in ("report.md", "gallery.png", "drops.png", "loss.png", "checkpoint/adapter.safetensors", "data/llava_train.json"):
         assert (out / f).is_file(), f
     assert "## Naming and multiple choice (%)" in (out / "report.md").read_text()
+
+
+def test_data_emoji_cli(packages, tmp_path, capsys):
+    shutil.copytree(packages, tmp_path / "cache" / "emoji" / "npm")  # fetched already: no npm
+    out = tmp_path / "corpus"
+    assert main(["data", "emoji", "--out", str(out), "--size", "32", "--workers", "1", "--vendors", "noto", "twemoji"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert {i["vendor"] for i in index["images"]} == {"noto", "twemoji"} and len(index["images"]) == 2 * len(KEPT)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"wrote {2 * len(KEPT)} images of {len(KEPT)} concepts to {out} (train ")
+    with pytest.raises(ValueError, match=r"vendors \['apple'\]: choose among noto, "):
+        emoji.build(out, ["apple"], npm_dir=packages)
