@@ -54,7 +54,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         if typ is bool:
             parser.add_argument(flag, dest=f.name, action="store_true", help=helptext)
         elif typing.get_origin(typ) is list:
-            parser.add_argument(flag, dest=f.name, nargs="+", type=args[0], default=f.default, help=helptext)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            parser.add_argument(flag, dest=f.name, nargs="+", type=args[0], default=default, help=helptext)
         else:
             parser.add_argument(flag, dest=f.name, type=typ, required=required,
                                 default=None if required else f.default, help=helptext)

@@ -268,12 +268,14 @@ def test_eval_emoji_on_twemoji_pngs(packages, tmp_path, monkeypatch, capsys):
     assert rows[0]["file"] == "1f346.png" and rows[0]["output"] == answers[0]
     assert main(["score", "emoji", "--preds", str(tmp_path / "out" / "preds.json")]) == 0
     assert "naming_exact" in capsys.readouterr().out
-    # the command line, on a real (untrained) tiny checkpoint
+    # the command line, on a real (untrained) tiny checkpoint: every question type by default
     model.save_pretrained(tmp_path / "ckpt")
     assert main(["eval", "emoji", "--checkpoint", str(tmp_path / "ckpt"), "--images", str(folder), "--emojibase", base,
-                 "--qtypes", "naming", "group", "--limit", "2", "--max-new-tokens", "3", "--out", str(tmp_path / "cli")]) == 0
+                 "--limit", "2", "--max-new-tokens", "3", "--out", str(tmp_path / "cli")]) == 0
     scores = json.loads((tmp_path / "cli" / "scores.json").read_text())
-    assert scores["naming_n"] == 2 and scores["mc_group_n"] == 2 and "mc_name" not in scores
+    assert {k: v for k, v in scores.items() if k.endswith("_n")} == {"naming_n": 2, "mc_name_n": 2, "mc_group_n": 2, "mc_subgroup_n": 2}
+    some = task.eval_samples(task.EvalOptions(images=str(folder), emojibase=base, qtypes=["naming", "group"], limit=2))
+    assert [s.meta["qtype"] for s in some] == ["naming", "group"] * 2
 
 
 def test_eval_emoji_errors(packages, tmp_path):
