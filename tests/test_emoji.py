@@ -93,7 +93,8 @@ def by_chars(extra: dict[str, str] | None = None) -> tuple[list[str], dict[str, 
 @pytest.fixture
 def packages(tmp_path, monkeypatch) -> Path:
     """Fake tarballs of every pinned package in tmp/npm, PACKAGES pinned to their SHA-256."""
-    monkeypatch.setenv("ADEMVL_CACHE", str(tmp_path / "cache"))
+    # the corpus's cache here; $ADEMVL_CACHE stays (the tiny models' tokenizer is the embedded LLM's, converted there once)
+    monkeypatch.setattr(emoji, "cache_root", lambda: tmp_path / "cache" / "emoji")
     npm = tmp_path / "npm"
     npm.mkdir()
     names, chars = by_chars({"1f600-1f3fb": "grinning-face"})  # a skin tone in chars.json: no concept
