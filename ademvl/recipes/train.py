@@ -176,7 +176,8 @@ class Trainer:
                                kwargs_handlers=sharding.process_group_kwargs(stage),
                                log_with="tensorboard", project_dir=str(self.out))
         engine = {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(self.acc.distributed_type)
-        sharding.check_launch(self.tc.sharding, self.acc.num_processes, engine, sharding.launcher_asks())
+        sharding.check_launch(self.tc.sharding, self.acc.num_processes, engine, sharding.launcher_asks(),
+                              self.acc.state.fsdp_plugin.fsdp_version if engine == "fsdp" else None)
         # FSDP: Accelerate's plugin where it runs (GPUs), else ademvl's own fully_shard (CPU processes).
         self.sharding = self.tc.sharding if engine is None else (self.tc.sharding if self.tc.sharding != "none" else engine)
         self.own_fsdp = self.sharding == "fsdp" and engine is None
@@ -313,7 +314,7 @@ class Trainer:
         if self.acc.is_main_process:
             with atomic_directory(final) as tmp:
                 self.unwrapped().write_checkpoint(tmp, adapter)
-                torch.save({"step": self.step, "optimizer": optimizer,
+                torch.save({"step": self.step, "optimizer": optimizer, "sharding": self.sharding,
                             "scheduler": self.scheduler.state_dict(), "train": dataclasses.asdict(self.tc),
                             "total_batch": self.total_batch, "max_steps": self.max_steps}, tmp / "trainer_state.pt")
                 for rank, state in enumerate(rng):
@@ -328,6 +329,10 @@ class Trainer:
         if state["total_batch"] != self.total_batch:
             raise ValueError(f"{path}: saved with total batch {state['total_batch']}, this run has {self.total_batch} "
                              "(batch_size x grad_accum x processes); the data position would not continue")
+        if state.get("sharding", "none") != self.sharding:
+            raise ValueError(f"{path}: saved with train.sharding {state.get('sharding', 'none')}, this run has "
+                             f"{self.sharding}; each engine keeps its own optimizer state: resume with "
+                             f"--train.sharding {state.get('sharding', 'none')}")
         # The adapter weights were loaded before the model was sharded (__init__).
         sharding.load_optimizer_state(self.sharding, self.model, self.engine_optimizer(), state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
