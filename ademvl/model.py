@@ -29,6 +29,7 @@ from .config import AdemVLConfig
 from .data import IMAGE_TOKEN_ID, AdemProcessor
 from .files import InputError, atomic_directory, first_line, read_safetensors
 from .fusion import Fusion, VisualMemory
+from .sharding import is_sharded
 from .vision import Tower, check_scales, make_adapters, make_tower, multiscale
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -261,6 +262,9 @@ class AdemVLModel(nn.Module):
 
         Returns only the new tokens (B * num_return_sequences, new). Use left padding.
         """
+        if is_sharded(self):  # FSDP gathers parameters around forward(), and generate() is not forward()
+            raise RuntimeError("this model is sharded over processes (train.sharding fsdp); generate from its saved "
+                               "adapter in one process: AdemVLModel.from_pretrained(OUT/checkpoint), as ademvl eval does")
         inputs_embeds, keys, values = self.prepare(input_ids, pixel_values, image_mask)
         expand = generate_kwargs.get("num_beams", 1) * generate_kwargs.get("num_return_sequences", 1)
         generate_kwargs.setdefault("pad_token_id", self.processor.pad if self.tokenizer is not None else None)

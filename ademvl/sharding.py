@@ -107,21 +107,46 @@ def fit_deepspeed_config(plugin: Any, train: Any) -> None:
         config["gradient_clipping"] = train.clip_grad
 
 
-def shard_fsdp(model: nn.Module, layers: nn.ModuleList, device_type: str, param_dtype: torch.dtype | None = None) -> nn.Module:
+def build_on_meta(config: Any) -> nn.Module:
+    """The AdemVLModel of `config` on the meta device (shapes, no memory), with its tokenizer: what
+    ranks other than 0 build before `shard_fsdp` fills in their shards from rank 0."""
+    from . import hub
+    from .model import build_meta
+
+    model = build_meta(config.llm, config.vision, config)
+    model.tokenizer = hub.load_tokenizer(config.llm)
+    return model
+
+
+def shard_fsdp(model: nn.Module, layers: nn.ModuleList, device: torch.device,
+               param_dtype: torch.dtype | None = None) -> nn.Module:
     """FSDP2 in place: each decoder layer a group, then the whole model as the root group.
+
+    Only rank 0 holds the weights (the others built the model on the meta device, `build_on_meta`):
+    after sharding, it sends every rank its shard of each parameter and a copy of each buffer (the
+    rotary tables are buffers), so the whole model is loaded once, not once per rank.
 
     Ranks whose batch has no image leave the vision side without a gradient while others do;
     `set_reduce_scatter_unused_params` sends zeros for those, so every rank joins the same
     reduce-scatter (DDP needs the recipe's zero term for the same reason).
     """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
+    on_meta = next(model.parameters()).is_meta
+    whole = {} if on_meta else model.state_dict()  # rank 0: the tensors stay alive until sent
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if on_meta:
+        model.to_empty(device=device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
     model.set_reduce_scatter_unused_params(True)
     return model
 

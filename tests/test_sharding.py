@@ -106,3 +106,23 @@ def test_a_launch_that_would_not_shard_is_refused(tmp_path: Path, monkeypatch) -
     check_launch("none", 8, "fsdp", "fsdp", fsdp_version=2)  # Accelerate's FSDP2 on GPUs
     with pytest.raises(ValueError, match="train.sharding='zero2': choose one of none, fsdp"):
         tiny(tmp_path, "--train.sharding", "zero2")
+
+
+def test_a_sharded_model_refuses_to_generate_and_says_how() -> None:
+    """FSDP gathers parameters around forward() only; generate() on a shard would fail deep inside."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from ademvl.sharding import is_sharded
+
+    from .conftest import tiny_model
+
+    model = tiny_model()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        fully_shard(model)
+        assert is_sharded(model)
+        with pytest.raises(RuntimeError, match=r"sharded over processes.*from_pretrained\(OUT/checkpoint\)"):
+            model.answer([None], ["Hi?"], max_new_tokens=2)
+    finally:
+        dist.destroy_process_group()

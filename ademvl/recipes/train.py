@@ -35,6 +35,7 @@ import math
 import os
 import random
 import re
+import resource
 import shutil
 import sys
 import time
@@ -196,7 +197,10 @@ class Trainer:
         self.lr = self.tc.lr if self.tc.lr is not None else self.tc.blr * self.total_batch / 256
 
         with self.acc.main_process_first():  # the embedded LLM is converted once, by rank 0
-            model = AdemVLModel.build(self.model_cfg)
+            if self.own_fsdp and not self.acc.is_main_process:  # shapes only: rank 0 sends each its shard
+                model = sharding.build_on_meta(self.model_cfg)
+            else:
+                model = AdemVLModel.build(self.model_cfg)
         if self.tc.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.raw = model
@@ -204,7 +208,7 @@ class Trainer:
         if self.resume_from is not None:  # before sharding, while the weights are whole tensors
             model.load_adapter(self.resume_from)
         if self.own_fsdp:
-            sharding.shard_fsdp(model, decoder_layers(model.llm), self.acc.device.type,
+            sharding.shard_fsdp(model, decoder_layers(model.llm), self.acc.device,
                                 torch.bfloat16 if mp == "bf16" else torch.float16 if mp == "fp16" else None)
         optimizer = torch.optim.AdamW(self.param_groups(model), lr=self.lr, weight_decay=self.tc.weight_decay,
                                       betas=self.tc.betas)
@@ -399,10 +403,12 @@ class Trainer:
         self.acc.wait_for_everyone()
         sums = self.acc.gather(torch.tensor([self.weights_checksum()], dtype=torch.float64, device=self.acc.device))
         llm_bytes = self.acc.gather(torch.tensor([sharding.local_bytes(self.unwrapped().llm)], device=self.acc.device))
+        peak_rss = self.acc.gather(torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024], device=self.acc.device))
         summary = {"steps": self.step, "final_loss": losses[-1] if losses else None, "wall_s": time.time() - start,
                    "sec_per_step": (time.time() - start) / max(1, len(losses)), "processes": self.acc.num_processes,
                    "ranks_identical": bool((sums == sums[0]).all()), "trainable_params": self.raw.num_trainable(),
                    "sharding": self.sharding, "llm_param_bytes_per_rank": llm_bytes.tolist(),
+                   "peak_rss_mib_per_rank": peak_rss.tolist(),
                    "checkpoint": str(self.out / "checkpoint")}
         adapter = self.full_state()
         if main:
