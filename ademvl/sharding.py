@@ -6,7 +6,7 @@
     fsdp             torch FSDP2 (`fully_shard`): every parameter, frozen or not, lives 1/N on each rank
     deepspeed-zero2  DeepSpeed ZeRO-2 through Accelerate: the trainable weights' gradients and optimizer
                      state are split; the frozen LLM stays whole on every rank
-    deepspeed-zero3  DeepSpeed ZeRO-3 through Accelerate: parameters split too
+    deepspeed-zero3  DeepSpeed ZeRO-3 (parameters split too): refused for now, it hung here
 
 FSDP2 here: each decoder layer is its own group (gathered just before it runs, freed after),
 then the whole AdemVLModel is the root group (embeddings, LM head, vision tower and ADEM-VL's
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+
 
 def zero_stage(sharding: str) -> int | None:
     """The ZeRO stage of a deepspeed-zeroN sharding, None for the others."""
@@ -48,6 +49,11 @@ def check_launch(sharding: str, world: int, accelerate_engine: str | None, asked
     accelerate_engine: "fsdp" / "deepspeed" when the Accelerator runs that engine itself, else None.
     asked: what the launcher's config asked for (`launcher_asks`). fsdp_version: of Accelerate's plugin.
     """
+    if sharding == "deepspeed-zero3":
+        # Measured (2 CPU processes, DeepSpeed 0.19.8): both ranks hang before the first step, even
+        # with every sample holding an image; not yet understood, so refused rather than left to hang.
+        raise ValueError("train.sharding=deepspeed-zero3 is not supported yet (it hangs before the first step "
+                         "here); use --train.sharding fsdp, which shards the frozen LLM's parameters the same way")
     if sharding != "none" and world < 2:
         raise ValueError(f"train.sharding={sharding} needs 2 or more processes (this run has 1): launch with "
                          "`torchrun --nproc_per_node N -m ademvl train ...` or `accelerate launch`, "
@@ -56,7 +62,7 @@ def check_launch(sharding: str, world: int, accelerate_engine: str | None, asked
         # Accelerate applies FSDP / DeepSpeed only on accelerators; on CPUs it silently runs DDP.
         raise ValueError(f"the Accelerate config asks for {asked}, which Accelerate does not apply on this "
                          f"machine (it would train plain data parallel, the whole model on every rank); pass "
-                         f"--train.sharding {'fsdp' if asked == 'fsdp' else 'deepspeed-zero2 (or -zero3)'} "
+                         f"--train.sharding {'fsdp' if asked == 'fsdp' else 'deepspeed-zero2'} "
                          "so that ademvl shards the model itself, or launch without that config")
     engine = "deepspeed" if zero_stage(sharding) else (None if sharding == "none" else "fsdp")
     if accelerate_engine and engine and accelerate_engine != engine:
@@ -65,11 +71,6 @@ def check_launch(sharding: str, world: int, accelerate_engine: str | None, asked
     if engine == "deepspeed" and accelerate_engine != "deepspeed":
         raise ValueError(f"train.sharding={sharding}, but DeepSpeed did not start (an Accelerate config with "
                          "use_cpu: true turns it off): launch with torchrun, or with a config without use_cpu")
-    if sharding == "deepspeed-zero3":
-        # Measured (2 CPU processes, DeepSpeed 0.19.8): both ranks hang before the first step, even
-        # with every sample holding an image; not yet understood, so refused rather than left to hang.
-        raise ValueError("train.sharding=deepspeed-zero3 is not supported yet (it hangs before the first step "
-                         "here); use --train.sharding fsdp, which shards the frozen LLM's parameters the same way")
     if accelerate_engine == "fsdp" and fsdp_version != 2:
         raise ValueError(f"the Accelerate config runs FSDP version {fsdp_version}; ademvl needs fsdp_version: 2 "
                          "(ademvl/configs/accelerate/fsdp.yaml)")

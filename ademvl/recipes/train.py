@@ -1,8 +1,10 @@
 """`ademvl train --config FILE`: the training recipe, on Hugging Face Accelerate.
 
-One process on a CPU by default; `accelerate launch` or `torchrun` for data parallel, and FSDP or
-DeepSpeed through Accelerate's own config files (ademvl/configs/accelerate/). No process group or
-gradient sync is written here: Accelerate wraps the model (DDP) and owns mixed precision.
+One process on a CPU by default; `accelerate launch` or `torchrun` for data parallel. No process
+group or gradient sync is written here: Accelerate wraps the model (DDP) and owns mixed precision.
+`train.sharding` (fsdp, deepspeed-zero2) splits the model over the processes instead; what that
+changes (who shards, whole tensors for checkpoints, the engine's optimizer state) is in
+ademvl/sharding.py, and here only where the loop calls it.
 
 A config file (a RunConfig, ademvl/config.py; shipped ones in ademvl/configs/) has three sections:
 
