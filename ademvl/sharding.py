@@ -86,10 +86,20 @@ def deepspeed_plugin(stage: int, train: Any) -> Any:
 
 def process_group_kwargs(stage: int | None) -> list[Any]:
     """DeepSpeed on CPU processes: Accelerate finds no backend for a CPU it is not told to use
-    (cpu=True would turn DeepSpeed off), so it is told gloo."""
+    (cpu=True would turn DeepSpeed off), so it is told gloo.
+
+    DeepSpeed would also compile its shared-memory collective for CPUs on first use (1-2 min, and
+    again whenever its build command hashes differently: seen here, runs then wait on the build);
+    it is switched off through the table DeepSpeed keeps for that, and gloo does the collectives.
+    """
     from accelerate.utils import InitProcessGroupKwargs
 
-    return [InitProcessGroupKwargs(backend="gloo")] if stage and not torch.accelerator.is_available() else []
+    if not stage or torch.accelerator.is_available():
+        return []
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return [InitProcessGroupKwargs(backend="gloo")]
 
 
 def fit_deepspeed_config(plugin: Any, train: Any) -> None:

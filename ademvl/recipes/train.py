@@ -179,10 +179,12 @@ class Trainer:
                                kwargs_handlers=sharding.process_group_kwargs(stage),
                                log_with="tensorboard", project_dir=str(self.out))
         engine = {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(self.acc.distributed_type)
-        sharding.check_launch(self.tc.sharding, self.acc.num_processes, engine, sharding.launcher_asks(),
+        self.sharding = self.tc.sharding  # or what an Accelerate config runs (GPUs) when that is not set:
+        if self.sharding == "none" and engine:
+            self.sharding = "fsdp" if engine == "fsdp" else f"deepspeed-zero{self.acc.state.deepspeed_plugin.zero_stage}"
+        sharding.check_launch(self.sharding, self.acc.num_processes, engine, sharding.launcher_asks(),
                               self.acc.state.fsdp_plugin.fsdp_version if engine == "fsdp" else None)
         # FSDP: Accelerate's plugin where it runs (GPUs), else ademvl's own fully_shard (CPU processes).
-        self.sharding = self.tc.sharding if engine is None else (self.tc.sharding if self.tc.sharding != "none" else engine)
         self.own_fsdp = self.sharding == "fsdp" and engine is None
         self.resume_from = resolve_resume(resume, self.out)
         set_seed(self.tc.seed)  # the same initial trainable weights on every rank
