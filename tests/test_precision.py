@@ -129,3 +129,17 @@ def test_fusion_backward_under_cpu_bf16_autocast_matches_fp32() -> None:
         assert ((a.float() - b).norm() / b.norm()).item() < 2e-2
     for a, b in zip(grads16, grads32):
         assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("setting, autocast_on", [("fp32", False), ("bf16", True)])
+def test_generation_runs_in_the_precision_asked_for(setting: str, autocast_on: bool) -> None:
+    """`ademvl eval --precision`: every LLM forward of the generation sees bf16 autocast, or none."""
+    from ademvl.recipes.evaluate import generate_texts
+
+    from .conftest import samples, tiny_model
+
+    model = tiny_model()
+    seen: list[bool] = []
+    model.llm.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    texts = generate_texts(model, samples(), batch_size=3, precision=setting, max_new_tokens=3)
+    assert len(texts) == 3 and len(seen) == 3 and set(seen) == {autocast_on}  # prefill and two cached steps
