@@ -294,7 +294,7 @@ def _where_it_goes(by: dict[str, dict[str, Any]], f: dict[str, Any] | None) -> l
                      f"for its {l_['extra_tokens']} extra tokens in every layer. The fusion's share of a layer's FLOPs "
                      "is about 4 N d / (2 x the layer's weights) per token: large for a small LLM, ~1% at LLaMA-7B shape.")
     over = a["train_step_s"] - t["train_step_s"]
-    line = f"- Training step: +{over:.3f} s over text-only ({over / t['train_step_s']:.1%})"
+    line = f"- Training step: {over:+.3f} s over text-only ({over / t['train_step_s']:.1%})"
     if f is not None:
         line += (f"; the fusion op alone, forward + backward through all layers at these shapes (micro-benchmark "
                  f"above), takes {f['fusion_fwd_bwd_s']:.3f} s of it")
@@ -303,7 +303,7 @@ def _where_it_goes(by: dict[str, dict[str, Any]], f: dict[str, Any] | None) -> l
     if a.get("decode_bytes_per_layer") and a.get("decode_s") and t.get("decode_s"):
         steps, mb = a["new_tokens"] - 1, {k: n / 2**20 for k, n in a["decode_bytes_per_layer"].items()}
         extra_ms = (a["decode_s"] - t["decode_s"]) / steps * 1e3
-        lines.append(f"- Decode step: +{extra_ms:.1f} ms per cached step of the batch over text-only. A decode step is "
+        lines.append(f"- Decode step: {extra_ms:+.1f} ms per cached step of the batch over text-only. A decode step is "
                      f"memory-bound: every layer the fusion reads act(K) ({mb['act_k']:.1f} MiB) and V factored "
                      f"({mb['v_factored']:.1f} MiB; dense it would be {mb['v_dense']:.1f} MiB) for the whole batch, "
                      "next to the layer's own weights; the decode table below times the fusion alone.")
