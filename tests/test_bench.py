@@ -313,5 +313,5 @@ def test_flops_at_full_depth_from_two_shallow_models(tmp_path) -> None:
 def test_bench_runs_on_cuda_in_bf16(tmp_path) -> None:
     rows = run_bench(BenchSettings(**{**RUN, "device": "cuda", "dtype": "bf16"}), tmp_path, progress=False)
     assert [r["method"] for r in rows] == list(METHODS)
-    assert all(r["device"].startswith("GPU ") and r["peak_mem_mb"] > 0 for r in rows)
+    assert all(r["device"].startswith("GPU ") and r["peak_mem_mb"] > 0 and r["precision"] == "bf16 weights" for r in rows)
     assert rows[1]["fusion_same_drops"] is True

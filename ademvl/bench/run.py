@@ -195,7 +195,9 @@ def run_bench(settings: BenchSettings, out: str | Path | None = None, progress: 
     rows = []
     for m, p in pairs:
         row = summarize(m, train_t[m, p], gen_t[m, p], s.batch, s.new_tokens) | {
-            "precision": p, "flops_per_token": flops[m]["flops_per_token"], "peak_mem_mb": peak[m, p],
+            # with --dtype bf16 the steps run in bf16 without autocast: say so, not "fp32"
+            "precision": p if s.dtype == "fp32" else f"{s.dtype} weights",
+            "flops_per_token": flops[m]["flops_per_token"], "peak_mem_mb": peak[m, p],
             "trainable_params": peers[m].num_trainable(), "extra_tokens": peers[m].extra_tokens,
             "decode_flops_per_token": flops[m]["decode_flops_per_token"], "flops_by_op": flops[m]["flops_by_op"]}
         if m in ("adem-vl", "adem-vl-reference") and fusion_row:
