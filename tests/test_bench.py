@@ -110,6 +110,10 @@ def test_fusion_micro_benchmark_agrees(run) -> None:
         assert f["fusion_shape"] == "B=2 T=9 N=20 d=64 layers=2"
         assert f["fusion_same_outputs"] is True and f["fusion_same_drops"] is True
         assert f["fusion_max_rel_diff_out"] < 1e-5 and f["fusion_max_rel_diff_grad"] < 1e-5
+        assert {k: len(v) for k, v in f["fusion_rounds_s"].items()} == {
+            "fuse_fwd_bwd": 2, "reference_fwd_bwd": 2, "fuse_fwd": 2, "reference_fwd": 2}
+        assert f["fusion_fwd_bwd_s"] == pytest.approx(sum(f["fusion_rounds_s"]["fuse_fwd_bwd"]) / 2)
+        assert all(len(v) == 2 for v in f["decode_fusion_rounds_s"].values())
     assert all("fusion_speedup" not in by[m] for m in ("text-only", "memvp", "llava"))
 
 
