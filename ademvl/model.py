@@ -224,9 +224,13 @@ class AdemVLModel(nn.Module):
         keys, values, cls_emb = self.encode_images(pixel_values, image_mask)
         return self.embed(input_ids, cls_emb), keys, values
 
-    def value_span(self) -> tuple[Tensor, Tensor]:
+    def value_span(self) -> tuple[Tensor, Tensor] | None:
         """(E_v (N, d), [W2 | b2] (d, hidden_proj + 1)): V - E_v lies in the span of the projector's
-        last layer (step 3), so a decode step reads V factored (fusion.LowRankValues)."""
+        last layer (step 3), so a decode step reads V factored (fusion.LowRankValues). None off the CPU:
+        on a GPU, reading V dense measured faster (H200, LLaMA-7B shape, batch 16: 5.6 against 8.9 ms per
+        decode step of the fusion over 32 layers; docs/gpu.md), while on a CPU the factored read wins."""
+        if self.pos_v.device.type != "cpu":
+            return None
         fc2 = self.proj.fc2
         return self.pos_v.detach(), torch.cat([fc2.weight, fc2.bias[:, None]], dim=1).detach()
 
