@@ -214,12 +214,17 @@ class AdemVLModel(nn.Module):
         """S: input positions an image sample fills after its prefix ([cls], then Table X's tokens)."""
         return int(self.config.use_cls) + self.config.input_tokens
 
-    def embed(self, input_ids: Tensor, slots: Tensor | None) -> Tensor:
-        """Input embeddings with each image sample's S placeholders replaced by its slots (n_img, S, d)."""
+    def embed(self, input_ids: Tensor, slots: Tensor | None, image_mask: Tensor | None = None) -> Tensor:
+        """Input embeddings with each image sample's S placeholders replaced by its slots (n_img, S, d).
+
+        image_mask (B,): which samples the slots belong to; an image sample whose layout has no
+        placeholder then gets none (the released generate() can cut them away, released_protocol)."""
         placeholder = input_ids == IMAGE_TOKEN_ID  # (B, T)
         emb = self.llm.get_input_embeddings()(input_ids.clamp(min=0))  # (B, T, d)
         if placeholder.any():
             per_sample = placeholder.sum(1)  # (B,): 0 for a text-only sample, S for an image sample
+            if slots is not None and image_mask is not None:
+                slots = slots[per_sample[image_mask.to(per_sample.device).bool()] > 0]
             if slots is None or placeholder.sum() != slots.shape[0] * slots.shape[1] or \
                     ((per_sample != 0) & (per_sample != slots.shape[1])).any():
                 raise ValueError(f"each sample with an image needs exactly {self.image_slots} image placeholder(s) "
@@ -237,7 +242,7 @@ class AdemVLModel(nn.Module):
         if pixel_values is None or image_mask is None:
             image_mask = torch.zeros(input_ids.shape[0], dtype=torch.bool)  # a batch without images
         keys, values, slots = self.encode_images(pixel_values, image_mask)
-        return self.embed(input_ids, slots), keys, values
+        return self.embed(input_ids, slots, image_mask), keys, values
 
     def value_span(self) -> tuple[Tensor, Tensor]:
         """(E_v (N, d), [W2 | b2] (d, hidden_proj + 1)): V - E_v lies in the span of the projector's
