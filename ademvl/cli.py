@@ -199,9 +199,12 @@ def param_report(llm: str, vision: str, scales: list[int] | None = None, vision_
 
 def cmd_params(args: argparse.Namespace) -> int:
     if args.table:  # the paper's ablation rows, at LLaMA-7B + ViT-L/14 unless other shapes are given
+        from .config import AdemVLConfig
         from .recipes.ablate import param_table
 
-        print("\n".join(param_table(args.table, args.llm_config or "llama-7b", args.vision_config or "clip-vit-large-patch14")))
+        given = {"vision_layer": args.vision_layer, "adapter_dim": args.adapter_dim}
+        base = AdemVLConfig(**{k: v for k, v in given.items() if v is not None})
+        print("\n".join(param_table(args.table, args.llm_config or "llama-7b", args.vision_config or "clip-vit-large-patch14", base)))
         return 0
     print("\n".join(param_report(args.llm_config or "smollm2-135m-instruct", args.vision_config or "demo-clip",
                                   args.scales, args.vision_layer, args.adapter_dim)))
@@ -213,7 +216,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     tables = list(TABLES) if "all" in args.table else list(dict.fromkeys(args.table))
     plan = Plan(tables, args.task, args.seeds, args.out, args.config, list(args.overrides), args.data, args.n, args.steps,
-                args.rows, args.split, args.limit, args.jobs, args.batch_size)
+                args.rows, args.split, args.limit, args.jobs, args.batch_size, not args.tables_only)
     for path in run_ablation(plan):
         print(f"wrote {path}")
     return 0
@@ -321,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems (quick checks)")
     p.add_argument("--jobs", type=int, default=None, help="jobs side by side (default: 2 on a CPU, one thread each; 1 on a GPU)")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    p.add_argument("--tables-only", action="store_true", help="write the tables from the jobs finished so far; run nothing")
     p.set_defaults(func=cmd_ablate, accepts_overrides=True)
 
     p = sub.add_parser("data", help="make datasets")

@@ -15,6 +15,7 @@ from ademvl.bench.baselines import fuse_memvp, fuse_released
 from ademvl.config import FUSION_POSITIONS
 from ademvl.data import IMAGE_TOKEN_ID
 from ademvl.fusion import fuse_memvp_form
+from ademvl.released import export_released
 from ademvl.recipes.ablate import TABLES, count_rows, on_grid
 
 from .conftest import perturb, samples, tiny_model
@@ -108,14 +109,6 @@ def test_build_up_rows_make_the_models_they_name() -> None:
     torch.testing.assert_close(ours, base, rtol=1e-5, atol=1e-5)
 
 
-def test_table_vi_counts_at_llama_7b() -> None:
-    """The paper's 3.4M / 4.0M / 4.5M are the released code's counts of these rows (its dead
-    last-block adapter included): 3,346,560 (printed 3.4M), 4,006,144, 4,530,432."""
-    rows = count_rows("VI", "llama-7b", "clip-vit-large-patch14")
-    assert [r[2] for r in rows] == [3_346_560, 4_006_144, 4_006_144, 4_530_432, 4_530_432]
-    assert [r[2] - r[1] for r in rows] == [24_576] * 5  # one 1024 -> 12 -> 1024 adapter
-
-
 # ---- Table IX and X: scales, pooling, input tokens ----------------------------------------------
 def test_rows_map_token_counts_to_the_towers_grid() -> None:
     assert on_grid({"scales": (256, 64, 16)}, side=14)["scales"] == (196, 49, 16)  # the demo's 14 x 14 grid
@@ -173,6 +166,19 @@ def test_a_variant_checkpoint_rebuilds_the_same_variant(tmp_path) -> None:
     batch = model.processor(samples())
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="the released code cannot express this model: .*fusion_form='memvp'"):
+        export_released(tmp_path / "ckpt", tmp_path / "out.pth")
+
+
+def test_params_prints_table_vi_beside_the_papers_counts(capsys) -> None:
+    """At LLaMA-7B + ViT-L/14 the paper's 3.4M / 4.0M / 4.5M are the released code's counts of the
+    rows (its dead last-block adapter, 1024 -> 12 -> 1024, included): 3,346,560 is printed 3.4M."""
+    from ademvl.cli import main
+
+    assert main(["params", "--table", "VI"]) == 0
+    rows = [line.split()[-3:] for line in capsys.readouterr().out.splitlines()[2:7]]  # ours, released code, paper
+    assert rows == [["3,321,984", "3,346,560", "3.4M"], ["3,981,568", "4,006,144", "4.0M"], ["3,981,568", "4,006,144", "4.0M"],
+                    ["4,505,856", "4,530,432", "4.5M"], ["4,505,856", "4,530,432", "4.5M"]]
 
 
 @pytest.mark.parametrize("changes,match", [
@@ -214,6 +220,10 @@ def test_ablate_runs_rows_writes_tables_and_resumes(tmp_path) -> None:
     assert finished.stat().st_mtime_ns == before  # never rerun
     assert killed.is_file() and not (killed.parent / "train" / "stale").exists()  # rerun from scratch
     assert json.loads(killed.read_text())["steps"] == 2
+
+    killed.unlink()  # --tables-only runs nothing: the row shows as not finished
+    assert main(argv + ["--tables-only"]) == 0
+    assert not killed.is_file() and "0: not finished" in (out / "table_VI.md").read_text()
 
 
 def count_tiny(table: str, row: int) -> int:

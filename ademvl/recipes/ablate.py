@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -126,7 +127,7 @@ def count_rows(table: str, llm: str, vision: str, base: AdemVLConfig | None = No
     from ..model import build_meta
 
     base = base or AdemVLConfig()
-    side = build_meta(llm, vision, base).tower.side
+    side = build_meta(llm, vision, base.replace(scales=(1,))).tower.side  # one token fits any grid: only its side is read
     out = []
     for row in TABLES[table].rows:
         model = build_meta(llm, vision, base.replace(**on_grid(row.settings, side)))
@@ -137,12 +138,12 @@ def count_rows(table: str, llm: str, vision: str, base: AdemVLConfig | None = No
     return out
 
 
-def param_table(table: str, llm: str, vision: str) -> list[str]:
+def param_table(table: str, llm: str, vision: str, base: AdemVLConfig | None = None) -> list[str]:
     """`ademvl params --table T`: each row's trainable parameters beside the paper's count."""
     paper = PAPER_PARAMS.get(table, ())
     lines = [f"Table {table} ({TABLES[table].title}) at LLM {llm} + vision {vision}:",
              f"  {'row':<68} {'ours':>12} {'released code':>14} {'paper':>6}"]
-    for i, (name, ours, released) in enumerate(count_rows(table, llm, vision)):
+    for i, (name, ours, released) in enumerate(count_rows(table, llm, vision, base)):
         lines.append(f"  {name:<68} {ours:>12,} {released:>14,} {paper[i] if i < len(paper) else '':>6}")
     lines.append("released code: + the adapter of the last vision block, which never runs (we build no dead parameters)")
     return lines
@@ -172,6 +173,7 @@ class Plan:
     limit: int | None = None  # only the first N problems of the split (quick checks)
     jobs: int | None = None  # jobs side by side: default 2 on a CPU (one thread each), 1 on a GPU
     batch_size: int = 16  # evaluation batch
+    run: bool = True  # False: only write the tables from the jobs finished so far
 
 
 def task_data(plan: Plan, out: Path) -> Path:
@@ -264,20 +266,30 @@ def launch(pending: list[Path], jobs: int) -> dict[Path, int]:
         return status
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     queue, running = list(pending), {}
-    while queue or running:
-        while queue and len(running) < jobs:
-            job = queue.pop(0)
-            log = open(job / "log.txt", "w")
-            running[job] = (subprocess.Popen([sys.executable, "-m", "ademvl.recipes.ablate", str(job)],
-                                             stdout=log, stderr=subprocess.STDOUT, env=env), log)
-        time.sleep(2)
-        for job, (proc, log) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                status[job] = proc.returncode
-                del running[job]
-                print(f"ademvl ablate: {len(status)}/{len(pending)} jobs done ({job.name}: "
-                      f"{'ok' if proc.returncode == 0 else f'failed, see {job}/log.txt'})", file=sys.stderr)
+    # Killed (SIGTERM or Ctrl-C), the runner takes its jobs with it: none runs on unwatched, and
+    # the next run starts them afresh.
+    before = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                job = queue.pop(0)
+                log = open(job / "log.txt", "w")
+                running[job] = (subprocess.Popen([sys.executable, "-m", "ademvl.recipes.ablate", str(job)],
+                                                 stdout=log, stderr=subprocess.STDOUT, env=env), log)
+            time.sleep(2)
+            for job, (proc, log) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    status[job] = proc.returncode
+                    del running[job]
+                    print(f"ademvl ablate: {len(status)}/{len(pending)} jobs done ({job.name}: "
+                          f"{'ok' if proc.returncode == 0 else f'failed, see {job}/log.txt'})", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        for proc, log in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
     return status
 
 
@@ -290,7 +302,7 @@ def run_ablation(plan: Plan) -> list[Path]:
     data = task_data(plan, out)
     specs = job_specs(plan, out, data)
     unique = list(dict.fromkeys(specs.values()))
-    pending = [job for job in unique if not (job / RESULT).is_file()]
+    pending = [job for job in unique if not (job / RESULT).is_file()] if plan.run else []
     for job in pending:  # a killed job restarts afresh: only job.json is kept
         for p in job.iterdir():
             if p.name != "job.json":
