@@ -215,8 +215,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from .recipes.ablate import TABLES, Plan, run_ablation
 
     tables = list(TABLES) if "all" in args.table else list(dict.fromkeys(args.table))
-    plan = Plan(tables, args.task, args.seeds, args.out, args.config, list(args.overrides), args.data, args.n, args.steps,
-                args.rows, args.split, args.limit, args.jobs, args.batch_size, not args.tables_only)
+    plan = Plan(tables, task=args.task, seeds=args.seeds, out=args.out, config=args.config, overrides=list(args.overrides),
+                data=args.data, n=args.n, steps=args.steps, rows=args.rows, split=args.split, limit=args.limit,
+                jobs=args.jobs, batch_size=args.batch_size, run=not args.tables_only)
     for path in run_ablation(plan):
         print(f"wrote {path}")
     return 0

@@ -7,6 +7,8 @@ At every decoder layer's feed-forward block, with h_n = ffn_norm(h) the MLP inpu
     out = h + FFN(h_n) + alpha * A @ V
 
 K and V do not depend on the layer, so act(K) is made once per forward (`VisualMemory.holding`).
+The paper's ablations move the fusion to another place of the layer (`VisualMemory.attach`, Table
+VII) and swap in MemVP's form act(h_n @ K^T) @ V (`fuse_memvp_form`, Table VI's baseline).
 Faster than the released code (ademvl.bench.baselines.fuse_released): the threshold by a partial
 selection (topk of k+1, not a sort), only the k+1 candidates of a row touched in forward and in the
 hand-written backward, the MLP output added by the matmul, dK and dV of all layers summed in place

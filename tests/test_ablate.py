@@ -60,6 +60,26 @@ def test_every_fusion_position_equals_the_fusion_added_by_hand(q_from: str, add_
     torch.testing.assert_close(ours, by_hand, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("q_from,add_to", [("mhsa_input", "mhsa_input"), ("mlp_output", "mlp_output")])
+def test_a_moved_fusion_trains_with_the_gradients_of_the_hand_written_one(q_from: str, add_to: str) -> None:
+    """The hand-written backward and the shared dK, dV buffers (fusion.tie), at another position,
+    against autograd through the reference fusion added by hand."""
+    model = tiny_model(alpha=0.5, query_from=q_from, add_to=add_to)
+    perturb(model)
+    batch = model.processor(samples())
+    model(**batch).loss.backward()
+    ours = {k: p.grad.clone() for k, p in model.trainable_state_dict().items()}
+    model.zero_grad()
+    embeds, keys, values = model.prepare(batch["input_ids"], batch["pixel_values"], batch["image_mask"])
+    f = lambda q: fuse_released(q, keys, values, 0.5, model.config.drop_ratio, "silu")  # noqa: E731
+    hooks = [h for layer in model.llm.get_decoder().layers for h in hand_hooks(layer, q_from, add_to, f)]
+    model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+    for h in hooks:
+        h.remove()
+    for k, p in model.trainable_state_dict().items():
+        torch.testing.assert_close(ours[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_a_moved_fusion_generates_the_same_with_and_without_the_cache() -> None:
     model = tiny_model(query_from="mhsa_input", add_to="mhsa_output")
     perturb(model)
