@@ -394,13 +394,18 @@ def plot_table(table: Table, results: dict[tuple[int, int], dict[str, Any] | Non
     for yy, i in zip(y, rows):
         a.plot([r["score"] for (j, _), r in results.items() if j == i and r], [yy] * sum(
             1 for (j, _), r in results.items() if j == i and r), "k.")
+    for yy, i in zip(y, rows):  # the numbers, for reading off
+        a.annotate(_fmt(ours.get(i)), (ours.get(i, 0.0), yy), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+        b.annotate(_fmt(table.rows[i].paper), (table.rows[i].paper or 0.0, yy), xytext=(3, 0), textcoords="offset points",
+                   va="center", fontsize=8)
     a.set_yticks(y, names, fontsize=8)
     a.set_xlabel("ours: accuracy (%), mean and seeds")
     b.barh(y, [table.rows[i].paper or 0.0 for i in rows], color="tab:gray")
+    a.margins(x=0.15)
     b.set_xlabel("paper: ScienceQA average (%), 0 = not restated")
     known = [table.rows[i].paper for i in rows if table.rows[i].paper]
     if known:
-        b.set_xlim(min(known) - 2, max(known) + 1)
+        b.set_xlim(min(known) - 2, max(known) + 3)
     fig.suptitle(f"Table {table.key}: {table.title}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
