@@ -39,7 +39,8 @@ def test_visual_keys_and_values_follow_steps_1_to_4() -> None:
     perturb(model)
     model.eval()
     batch = model.processor(samples())
-    keys, values, cls_emb = model.encode_images(batch["pixel_values"], batch["image_mask"])
+    keys, values, slots = model.encode_images(batch["pixel_values"], batch["image_mask"])
+    cls_emb = slots[:, 0]  # (n_img, d): the only slot by default
 
     full = load_vision("random:tiny-clip")  # same seed: the same tower, all 3 blocks
     img = batch["pixel_values"][batch["image_mask"]]
@@ -74,8 +75,9 @@ def test_cls_token_sits_after_image_prefix() -> None:
     assert (ids[1] == IMAGE_TOKEN_ID).sum() == 0  # text-only: "Image: N/A", no placeholder
     na = model.tokenizer("Image: N/A", add_special_tokens=False).input_ids
     assert ids[1, 1:1 + len(na)].tolist() == na
-    _, _, cls_emb = model.encode_images(batch["pixel_values"], batch["image_mask"])
-    emb = model.embed(ids, cls_emb)
+    _, _, slots = model.encode_images(batch["pixel_values"], batch["image_mask"])
+    cls_emb = slots[:, 0]
+    emb = model.embed(ids, slots)
     torch.testing.assert_close(emb[0, pos], cls_emb[0])
     torch.testing.assert_close(emb[2, (ids[2] == IMAGE_TOKEN_ID).nonzero().item()], cls_emb[1])
 
