@@ -118,7 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         output_dir(args.out, "--out")  # before the slow part
     samples = task.eval_samples(opts)  # bad data stops here, before the model loads
-    r = evaluate(_load_model(args, args.device), args.task, opts, args.out, args.batch_size, samples)
+    r = evaluate(_load_model(args, args.device), args.task, opts, args.out, args.batch_size, samples, args.precision)
     if r.scores is not None:
         title = getattr(opts, "split", "") + (" blank" if getattr(opts, "blank_images", False) else "")
         print(task.format_scores(r.scores, title))
@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--out", default=None, help="output directory")
         q.add_argument("--batch-size", type=int, default=16)
         q.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+        q.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                       help="generation in fp32, or in bf16 autocast (auto: bf16 on a GPU or a CPU that computes in bf16)")
         q.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help="score predictions made elsewhere (ScienceQA, COCO captions, MME)")

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from . import precision
 from .files import InputError, InputNotFound, read_json, read_yaml
 
 CONFIG_NAME = "ademvl_config.json"
@@ -220,7 +221,9 @@ class TrainConfig:
     warmup_steps: int | None = None  # overrides warmup_epochs
     min_lr: float = 0.0
     clip_grad: float | None = 1.0
-    mixed_precision: str = "auto"  # auto (bf16 on GPU when supported, fp32 on CPU) | no | bf16 | fp16
+    # auto | fp32 (= no) | bf16 | fp16. auto: bf16 on a GPU that supports it (else fp16), bf16 on a CPU
+    # that computes in it (AVX512-BF16 / AMX / Arm BF16), fp32 on any other CPU (ademvl/precision.py)
+    mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     num_workers: int = 2  # DataLoader processes that decode images and collate, beside the training loop
     seed: int = 0
@@ -229,10 +232,10 @@ class TrainConfig:
     log_every: int = 1
 
     def __post_init__(self) -> None:
-        if self.mixed_precision in ("False", "false"):  # YAML 1.1 reads a bare `no` as false
-            self.mixed_precision = "no"
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ValueError(f"train.mixed_precision={self.mixed_precision!r}: choose auto, no, bf16 or fp16")
+        try:
+            self.mixed_precision = precision.normalize(self.mixed_precision)  # fp32 and a YAML `no` -> "no"
+        except ValueError as e:
+            raise ValueError(f"train.{e}") from None
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("train.batch_size and train.grad_accum must be >= 1")
         if not all(0.0 <= b < 1.0 for b in self.betas):
