@@ -7,6 +7,8 @@ At every decoder layer's feed-forward block, with h_n = ffn_norm(h) the MLP inpu
     out = h + FFN(h_n) + alpha * A @ V
 
 K and V do not depend on the layer, so act(K) is made once per forward (`VisualMemory.holding`).
+The paper's ablations move the fusion to another place of the layer (`VisualMemory.attach`, Table
+VII) and swap in MemVP's form act(h_n @ K^T) @ V (`fuse_memvp_form`, Table VI's baseline).
 Faster than the released code (ademvl.bench.baselines.fuse_released): the threshold by a partial
 selection (topk of k+1, not a sort), only the k+1 candidates of a row touched in forward and in the
 hand-written backward, the MLP output added by the matmul, dK and dV of all layers summed in place
@@ -18,6 +20,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -176,6 +180,15 @@ def fuse(h_n: Tensor, k_act: Tensor, v: Tensor, alpha: float, drop_ratio: float,
                              alpha, n_drop)
 
 
+def fuse_memvp_form(h_n: Tensor, k: Tensor, v: Tensor, alpha: float, drop_ratio: float, qk_act: str) -> Tensor:
+    """Table VI's baseline, MemVP's form: alpha * drop(act(h_n @ K^T)) @ V, the nonlinearity on
+    the scores instead of on query and key (a `Fusion`: it reads the raw K).  -> (B, T, d)"""
+    scores = qk_activation(torch.bmm(h_n, k.transpose(1, 2)), qk_act)  # (B, T, N)
+    if num_dropped(scores.shape[-1], drop_ratio):
+        scores = scores.masked_fill(drop_mask(scores, drop_ratio), 0.0)
+    return alpha * torch.bmm(scores, v)  # (B, T, N) @ (B, N, d)
+
+
 @dataclass
 class LowRankValues:
     """V = coef @ basis^T + E_v. Xv = V - E_v = gate beta (H W2^T + b2) (step 3) lies in the span of
@@ -271,12 +284,40 @@ class VisualMemory(nn.Module):
         return out if residual is None else residual + out
 
     def mlp_hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        """forward hook for a decoder layer's MLP: args[0] is h_n = ffn_norm(h)."""
+        """forward hook for a decoder layer's MLP: args[0] is h_n = ffn_norm(h) (the paper's position)."""
+        return output if self.keys is None else self._added(args[0], output)
+
+    def attach(self, layer: nn.Module, query_from: str, add_to: str) -> None:
+        """Hook the fusion into one decoder layer at a Table VII position: the query read at the
+        input or output of its MHSA (`self_attn`, input = the normed h) or MLP, the fusion term
+        added to the same module's input or output (AdemVLConfig.query_from / add_to)."""
+        module = layer.mlp if query_from.startswith("mlp") else layer.self_attn
+        if (query_from, add_to) == ("mlp_input", "mlp_output"):
+            module.register_forward_hook(self.mlp_hook)
+        elif add_to.endswith("input"):  # the module then reads input + fusion(input)
+            module.register_forward_pre_hook(self._input_hook, with_kwargs=True)
+        else:
+            module.register_forward_hook(partial(self._output_hook, query_from.endswith("input")), with_kwargs=True)
+
+    def _added(self, query: Tensor, target: Tensor) -> Tensor:
+        """target + alpha * drop(act(query) act(K)^T) V, in target's dtype."""
+        if query.shape[0] != self.keys.shape[0]:
+            raise RuntimeError(f"visual memory holds {self.keys.shape[0]} samples but the layer sees {query.shape[0]}")
+        if target.dtype == self.keys.dtype:
+            return self(query.to(self.keys.dtype), residual=target)  # target + fusion in one matmul
+        return target + self(query.to(self.keys.dtype)).to(target.dtype)
+
+    def _input_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.keys is None:
+            return None
+        if args:  # mlp(h_n)
+            return (self._added(args[0], args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self._added(kwargs["hidden_states"], kwargs["hidden_states"])}
+
+    def _output_hook(self, from_input: bool, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self.keys is None:
             return output
-        h_n = args[0]
-        if h_n.shape[0] != self.keys.shape[0]:
-            raise RuntimeError(f"visual memory holds {self.keys.shape[0]} samples but the layer sees {h_n.shape[0]}")
-        if output.dtype == self.keys.dtype:
-            return self(h_n.to(self.keys.dtype), residual=output)  # MLP output + fusion in one matmul
-        return output + self(h_n.to(self.keys.dtype)).to(output.dtype)
+        out = output[0] if isinstance(output, tuple) else output  # self_attn returns (output, weights)
+        query = (args[0] if args else kwargs["hidden_states"]) if from_input else out
+        fused = self._added(query, out)
+        return (fused, *output[1:]) if isinstance(output, tuple) else fused

@@ -24,7 +24,8 @@ from .conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "ademvl" / "configs" / "tiny.yaml"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# CPU processes (gloo) even where a GPU is visible: two ranks on a one-GPU machine would both ask for cuda:rank.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
