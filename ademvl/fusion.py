@@ -96,11 +96,17 @@ class SharedGrads:
     want_v: bool
     dk: Tensor | None = None
     dv: Tensor | None = None
+    sum_dtype: torch.dtype | None = None  # the buffers' dtype where wider than the products' (autocast)
 
     def add(self, name: str, a: Tensor, b: Tensor, alpha: float = 1.0) -> None:
         """self.<name> += alpha * a @ b (batched); the first product becomes the buffer."""
         acc = getattr(self, name)
-        setattr(self, name, torch.bmm(a, b).mul_(alpha) if acc is None else acc.baddbmm_(a, b, alpha=alpha))
+        if self.sum_dtype in (None, a.dtype):
+            setattr(self, name, torch.bmm(a, b).mul_(alpha) if acc is None else acc.baddbmm_(a, b, alpha=alpha))
+            return
+        # bf16 products (autocast) summed in fp32: a bf16 running sum over 30 layers would lose ~1%
+        prod = torch.bmm(a, b)  # (B, N, d)
+        setattr(self, name, prod.to(self.sum_dtype).mul_(alpha) if acc is None else acc.add_(prod, alpha=alpha))
 
 
 class _Tie(torch.autograd.Function):
@@ -109,21 +115,22 @@ class _Tie(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, k_act: Tensor, v: Tensor, grads: SharedGrads) -> Tensor:
-        ctx.grads = grads
+        ctx.grads, ctx.dtypes = grads, (k_act.dtype, v.dtype)
         return k_act.new_zeros(())
 
     @staticmethod
     def backward(ctx, _: Tensor):
         g = ctx.grads
         (dk, dv), g.dk, g.dv = (g.dk, g.dv), None, None  # emptied: a second backward (retain_graph) starts at 0
-        return dk, dv, None
+        return (None if dk is None else dk.to(ctx.dtypes[0])), (None if dv is None else dv.to(ctx.dtypes[1])), None
 
 
 def tie(k_act: Tensor, v: Tensor) -> tuple[Tensor, SharedGrads] | None:
     """(anchor, SharedGrads) for `fuse(..., tie=...)` when K or V wants a gradient, else None."""
     if not (torch.is_grad_enabled() and (k_act.requires_grad or v.requires_grad)):
         return None
-    grads = SharedGrads(k_act.requires_grad, v.requires_grad)
+    wide = torch.float32 if k_act.dtype in (torch.bfloat16, torch.float16) else None  # autocast: sum in fp32
+    grads = SharedGrads(k_act.requires_grad, v.requires_grad, sum_dtype=wide)
     return _Tie.apply(k_act, v, grads), grads
 
 
@@ -176,8 +183,12 @@ def fuse(h_n: Tensor, k_act: Tensor, v: Tensor, alpha: float, drop_ratio: float,
         return _Attend.apply(q, k_act, v, residual, alpha, n_drop)
     dt = torch.get_autocast_dtype(device)  # the Function's backward runs outside autocast: one dtype in
     with torch.autocast(device, enabled=False):
-        return _Attend.apply(q.to(dt), k_act.to(dt), v.to(dt), None if residual is None else residual.to(dt),
-                             alpha, n_drop)
+        # act(K) and V come cast once per forward from VisualMemory.holding: .to(dt) is then a no-op
+        q, k_act, v = q.to(dt), k_act.to(dt), v.to(dt)  # (B, T, d), (B, N, d), (B, N, d)
+        residual = None if residual is None else residual.to(dt)
+        if tie is not None:
+            return _Attend.apply(q, k_act.detach(), v.detach(), residual, alpha, n_drop, *tie)
+        return _Attend.apply(q, k_act, v, residual, alpha, n_drop)
 
 
 def fuse_memvp_form(h_n: Tensor, k: Tensor, v: Tensor, alpha: float, drop_ratio: float, qk_act: str) -> Tensor:
@@ -249,6 +260,10 @@ class VisualMemory(nn.Module):
         if repeat > 1:
             keys, v = keys.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
         low_rank = value_span is not None and self.fusion is None and value_span[1].shape[1] < v.shape[-1]
+        device = keys.device.type
+        if self.fusion is None and torch.is_grad_enabled() and torch.is_autocast_enabled(device):
+            # training under autocast: cast act(K) and V once here, not in each layer's `fuse` (and tie the casts)
+            keys, v = keys.to(torch.get_autocast_dtype(device)), v.to(torch.get_autocast_dtype(device))
         tied = tie(keys, v) if self.fusion is None and self._fuse is fuse else None  # compiled: autograd sums
         with self._held(keys, v, value_span if low_rank else None, tied):
             yield self

@@ -143,3 +143,33 @@ def test_generation_runs_in_the_precision_asked_for(setting: str, autocast_on: b
     model.llm.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
     texts = generate_texts(model, samples(), batch_size=3, precision=setting, max_new_tokens=3)
     assert len(texts) == 3 and len(seen) == 3 and set(seen) == {autocast_on}  # prefill and two cached steps
+
+
+def test_under_autocast_the_memory_casts_once_and_sums_dk_dv_in_place() -> None:
+    """Training under autocast: VisualMemory casts act(K) and V to bf16 once per forward and ties every
+    layer to those casts (dK, dV summed in one fp32 buffer each), instead of each layer casting its own
+    copy for autograd to sum. The outputs and dh are the per-layer path's exactly; dK and dV differ
+    only by rounding the sum to bf16 once (under 2^-8 relative) instead of every term."""
+    from ademvl.fusion import fuse, qk_activation
+
+    torch.manual_seed(0)
+    k = torch.randn(2, 40, 32, requires_grad=True)
+    v = torch.randn(2, 40, 32, requires_grad=True)
+    hs = [torch.randn(2, 9, 32, requires_grad=True) for _ in range(3)]
+    gs = [torch.randn(2, 9, 32) for _ in range(3)]
+    leaves = [*hs, k, v]
+    memory = VisualMemory(0.1, 0.1, "silu")
+    with torch.autocast("cpu", dtype=torch.bfloat16), memory.holding(k, v):
+        assert memory.keys.dtype == memory.values.dtype == torch.bfloat16 and memory._tie is not None
+        tied_outs = [memory(hs[0]), memory(hs[1], residual=hs[1] * 2), memory(hs[2])]
+        tied = torch.autograd.grad(tied_outs, leaves, gs)
+        k_act = qk_activation(k, "silu")  # fp32: every layer casts it (and V) again
+        outs = [fuse(hs[0], k_act, v, 0.1, 0.1, "silu"), fuse(hs[1], k_act, v, 0.1, 0.1, "silu", residual=hs[1] * 2),
+                fuse(hs[2], k_act, v, 0.1, 0.1, "silu")]
+        per_layer = torch.autograd.grad(outs, leaves, gs)
+    assert all(torch.equal(a, b) for a, b in zip(tied_outs, outs))
+    assert all(torch.equal(a, b) for a, b in zip(tied[:3], per_layer[:3]))
+    for a, b in zip(tied[3:], per_layer[3:]):
+        assert a.dtype == torch.float32 and 0 < ((a - b).norm() / b.norm()).item() < 2**-8
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), memory.holding(k, v):
+        assert memory.keys.dtype == torch.float32 and memory._tie is None  # inference: as held, no buffers
