@@ -104,17 +104,21 @@ def test_trainer_follows_auto_and_records_the_choice(cpu_only, fresh_accelerate,
     assert state and {t.dtype for s in state.values() for k, t in s.items() if k != "step"} == {torch.float32}
 
 
-def test_fusion_backward_under_cpu_bf16_autocast_matches_fp32() -> None:
-    """VisualMemory as the model calls it (three layers reading one act(K), V; with and without the
-    MLP output as residual) under torch.autocast("cpu", bfloat16): the output is bf16, the gradients
-    reach the fp32 leaves in fp32, and they are fp32's to bf16's precision (relative error < 2%)."""
+def three_layers():
+    """K, V (2, 40, 32) read by three layers' h_n (2, 9, 32), their output gradients, the leaves, a memory."""
     torch.manual_seed(0)
     k = torch.randn(2, 40, 32, requires_grad=True)
     v = torch.randn(2, 40, 32, requires_grad=True)
     hs = [torch.randn(2, 9, 32, requires_grad=True) for _ in range(3)]
     gs = [torch.randn(2, 9, 32) for _ in range(3)]
-    leaves = [*hs, k, v]
-    memory = VisualMemory(0.1, 0.1, "silu")
+    return k, v, hs, gs, [*hs, k, v], VisualMemory(0.1, 0.1, "silu")
+
+
+def test_fusion_backward_under_cpu_bf16_autocast_matches_fp32() -> None:
+    """VisualMemory as the model calls it (three layers reading one act(K), V; with and without the
+    MLP output as residual) under torch.autocast("cpu", bfloat16): the output is bf16, the gradients
+    reach the fp32 leaves in fp32, and they are fp32's to bf16's precision (relative error < 2%)."""
+    k, v, hs, gs, leaves, memory = three_layers()
 
     def run(autocast: bool) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), memory.holding(k, v):
@@ -152,13 +156,7 @@ def test_under_autocast_the_memory_casts_once_and_sums_dk_dv_in_place() -> None:
     only by rounding the sum to bf16 once (under 2^-8 relative) instead of every term."""
     from ademvl.fusion import fuse, qk_activation
 
-    torch.manual_seed(0)
-    k = torch.randn(2, 40, 32, requires_grad=True)
-    v = torch.randn(2, 40, 32, requires_grad=True)
-    hs = [torch.randn(2, 9, 32, requires_grad=True) for _ in range(3)]
-    gs = [torch.randn(2, 9, 32) for _ in range(3)]
-    leaves = [*hs, k, v]
-    memory = VisualMemory(0.1, 0.1, "silu")
+    k, v, hs, gs, leaves, memory = three_layers()
     with torch.autocast("cpu", dtype=torch.bfloat16), memory.holding(k, v):
         assert memory.keys.dtype == memory.values.dtype == torch.bfloat16 and memory._tie is not None
         tied_outs = [memory(hs[0]), memory(hs[1], residual=hs[1] * 2), memory(hs[2])]
