@@ -204,7 +204,7 @@ def job_specs(plan: Plan, out: Path, data: Path) -> dict[tuple[str, int, int], P
     base = load_run_config(plan.config, plan.overrides)
     side = build_meta(base.model.llm, base.model.vision, base.model).tower.side
     chosen = {t: [i for i in range(len(TABLES[t].rows)) if plan.rows is None or i + 1 in plan.rows] for t in plan.tables}
-    specs = {}
+    specs, jobs = {}, {}
     for t, rows in chosen.items():
         for i in rows:
             settings = on_grid(TABLES[t].rows[i].settings, side)
@@ -213,14 +213,14 @@ def job_specs(plan: Plan, out: Path, data: Path) -> dict[tuple[str, int, int], P
                 run = RunConfig(model=model, data={"task": "scienceqa", "root": str(data), "split": "train",
                                                    "prompt_format": "CQM-A"},
                                 train=dataclasses.replace(base.train, seed=seed, max_steps=plan.steps, output_dir=""))
-                d = run.to_dict()
-                key = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
-                job = out / JOBS / key
-                d["train"]["output_dir"] = str(job / "train")
-                job.mkdir(parents=True, exist_ok=True)
-                write_json(job / "job.json", {"run": d, "data": str(data), "split": plan.split, "limit": plan.limit,
-                                              "batch_size": plan.batch_size, "rows": [f"{t}.{i + 1}"]})
+                spec = {"run": run.to_dict(), "data": str(data), "split": plan.split, "limit": plan.limit}
+                job = out / JOBS / hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+                spec["run"]["train"]["output_dir"] = str(job / "train")
+                jobs.setdefault(job, {**spec, "batch_size": plan.batch_size, "rows": []})["rows"].append(f"{t}.{i + 1}")
                 specs[(t, i, seed)] = job
+    for job, spec in jobs.items():
+        job.mkdir(parents=True, exist_ok=True)
+        write_json(job / "job.json", spec)
     return specs
 
 
