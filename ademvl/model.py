@@ -303,19 +303,24 @@ class AdemVLModel(nn.Module):
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     # ---- save / load ------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, state: dict[str, Tensor] | None = None) -> Path:
         """Write adapter.safetensors (trainable weights only) + ademvl_config.json, atomically.
 
         Files go to a temporary sibling directory first, which then replaces `directory` by
         rename: a crash mid-write never leaves a half-written checkpoint under the final name.
         """
         with atomic_directory(directory) as tmp:
-            self.write_checkpoint(tmp)
+            self.write_checkpoint(tmp, state)
         return Path(directory)
 
-    def write_checkpoint(self, directory: Path) -> None:
-        """The two checkpoint files into an existing directory (save_pretrained makes this atomic)."""
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.trainable_state_dict().items()}
+    def write_checkpoint(self, directory: Path, state: dict[str, Tensor] | None = None) -> None:
+        """The two checkpoint files into an existing directory (save_pretrained makes this atomic).
+
+        state: the trainable weights whole, when this model holds only a shard of them
+        (ademvl.sharding.full_trainable_state); by default its own parameters.
+        """
+        if state is None:
+            state = {k: v.detach().to("cpu").contiguous() for k, v in self.trainable_state_dict().items()}
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "ademvl": "1"})
         config_path = self.config.save(directory)
         # safetensors writes its file owner-only (0600); give it the umask's mode, like the config,
