@@ -83,11 +83,23 @@ def _load_model(args: argparse.Namespace, device: str = "cpu") -> Any:
 
 # ---- the commands ---------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .config import config_path
     from .files import output_dir
-    from .recipes.demo import run_demo
 
     output_dir(args.out, "--out")
-    report = run_demo(args.out, args.config, args.n, args.seed, args.overrides, args.batch_size)
+    config = args.config or str(config_path("demo" if args.task == "shapes" else "demo_emoji"))
+    if args.task == "emoji":
+        from .recipes.demo_emoji import run_emoji_demo
+
+        report = run_emoji_demo(args.out, config, args.seed, args.overrides, args.batch_size, args.eval_images)
+        tr = report["results"]["trained"]
+        print(f"held-out Twemoji: naming exact {tr['naming_exact']:.1f}%, token F1 {tr['naming_token_f1']:.1f}%; multiple "
+              f"choice name {tr['mc_name']:.1f}%, group {tr['mc_group']:.1f}%, subgroup {tr['mc_subgroup']:.1f}%; "
+              f"total {report['times']['total_s'] / 60:.1f} min; report: {Path(args.out) / 'report.md'}")
+        return 0
+    from .recipes.demo import run_demo
+
+    report = run_demo(args.out, config, args.n, args.seed, args.overrides, args.batch_size)
     res = report["results"]
     print(f"image questions: {res['trained']['per_type']['image_questions']:.1f}% "
           f"(blanked {res['images_blanked']['per_type']['image_questions']:.1f}%, "
@@ -112,7 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     task = tasks.get(args.task, evaluable=True)
     opts = options_of(task.EvalOptions, args)
-    if opts.protocol == "ademvl" and (Path(args.checkpoint) / "released.json").exists():
+    if getattr(opts, "protocol", "ademvl") == "ademvl" and (Path(args.checkpoint) / "released.json").exists():
         warnings.warn(f"{args.checkpoint} was imported from the authors' release; it was trained on their token "
                       "layout: evaluate it with --protocol released (docs/released.md)", stacklevel=2)
     if args.out:
@@ -234,6 +246,18 @@ def cmd_synth_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_emoji(args: argparse.Namespace) -> int:
+    from .emoji import build
+    from .files import output_dir
+    from .tasks.emoji import layout_splits
+
+    corpus = build(output_dir(args.out, "--out"), args.vendors, args.size, args.seed, args.workers)
+    sizes = {k: len(v) for k, v in layout_splits(corpus).items()}
+    print(f"wrote {len(corpus.items)} images of {len(corpus.concepts)} concepts to {args.out} ("
+          + ", ".join(f"{k} {v}" for k, v in sizes.items()) + f"); contact sheet: {Path(args.out) / 'contact_sheet.png'}")
+    return 0
+
+
 # ---- the parser -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from .config import config_path
@@ -241,11 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ademvl", description="ADEM-VL: teach a frozen LLM to see, cheaply.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="synthetic ScienceQA -> train -> evaluate -> runs/demo/report.md (CPU, ~15 min)",
+    p = sub.add_parser("demo", help="emoji corpus -> train -> evaluate on a held-out art style -> runs/demo/report.md (CPU, ~15 min)",
                        description="Config keys can be overridden as in `ademvl train`: --train.max_steps 50 ...")
+    p.add_argument("--task", choices=("emoji", "shapes"), default="emoji",
+                   help="emoji: real emoji artwork, held-out Twemoji; shapes: synthetic ScienceQA of coloured shapes")
     p.add_argument("--out", default="runs/demo", help="output directory (checkpoint/, report.md, report.json, figures)")
-    p.add_argument("--config", default=str(config_path("demo")), help="training config (default: the shipped demo.yaml)")
-    p.add_argument("--n", type=int, default=4000, help="problems to generate (10%% are the test split)")
+    p.add_argument("--config", default=None, help="training config (default: the shipped demo_emoji.yaml / demo.yaml)")
+    p.add_argument("--n", type=int, default=4000, help="shapes: problems to generate (10%% are the test split)")
+    p.add_argument("--eval-images", type=int, default=300, help="emoji: held-out images drawn per evaluation set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
     p.set_defaults(func=cmd_demo, accepts_overrides=True)
@@ -339,6 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shuffle-choices", action="store_true",
                    help="shuffle each problem's option list (harder: the small LLM must read the options)")
     s.set_defaults(func=cmd_synth_shapes)
+    from .emoji import SIZE, VENDORS
+
+    s = dsub.add_parser("emoji", help="emoji artwork of 7 vendor sets with CLDR names (npm packages, rendered once)")
+    s.add_argument("--out", required=True, help="output directory (images, COCO/ScienceQA/LLaVA layouts, LICENSES.md)")
+    s.add_argument("--vendors", nargs="+", default=list(VENDORS), help="vendor sets (default: all)")
+    s.add_argument("--size", type=int, default=SIZE, help="rendered image size in pixels")
+    s.add_argument("--seed", type=int, default=0, help="seed of the unseen concepts and the options' order")
+    s.add_argument("--workers", type=int, default=2, help="rendering processes")
+    s.set_defaults(func=cmd_data_emoji)
 
     p = sub.add_parser("import-released", help="turn the authors' released .pth into an ademvl checkpoint",
                        description="Reads checkpoint_7B_{sqa,caption,instruction}.pth (Hao840/ADEM-VL) safely, maps "
