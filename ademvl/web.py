@@ -155,9 +155,12 @@ def stream_answer(model: AdemVLModel, image: Any, question: str, lock: threading
 
 def examples(data_root: str | Path | None, n: int = 5) -> list[list[str | None]]:
     """[image path or None, prompt] of a few test problems of a ScienceQA-layout data set: one per
-    question type of the synthetic data (`ademvl demo`'s), else one with and one without an image."""
+    question type of the synthetic data (`ademvl demo --task shapes`'s), else one with and one
+    without an image; for the emoji corpus (`ademvl demo`'s), held-out Twemoji images."""
     from .tasks import scienceqa as sqa
 
+    if data_root is not None and (Path(data_root) / "llava_test.json").exists():
+        return emoji_examples(Path(data_root), n)
     if data_root is None or not (Path(data_root) / "problems.json").exists():
         return []
     out, seen = [], set()
@@ -171,9 +174,41 @@ def examples(data_root: str | Path | None, n: int = 5) -> list[list[str | None]]
     return out
 
 
+def emoji_examples(data_root: Path, n: int = 5) -> list[list[str | None]]:
+    """Held-out Twemoji images of the emoji corpus, each with one question (naming first, then each
+    multiple-choice type), in the instruction prompt the demo trains."""
+    from .files import read_json
+    from .tasks.instruct import IMAGE_MARK, prompt_of
+
+    records = read_json(data_root / "llava_test.json", "the emoji corpus's LLaVA test conversations", form=list)
+    by_image: dict[str, dict[str, Any]] = {}
+    for rec in records:  # ids are vendor/key/question
+        by_image.setdefault(rec["image"], {})[rec["id"].rsplit("/", 1)[-1]] = rec
+    images = sorted(by_image)[:: max(1, len(by_image) // n)][:n]
+    kinds = ("naming", "name", "group", "subgroup")
+    out = []
+    for k, image in enumerate(images):
+        rec = by_image[image].get(kinds[k % len(kinds)]) or next(iter(by_image[image].values()))
+        out.append([str(data_root / image), prompt_of(rec["conversations"][0]["value"].replace(IMAGE_MARK, ""))])
+    return out
+
+
+def as_instruction(question: str) -> str:
+    """A plain question ("What is this?") in the instruction prompt; a full prompt stays as it is."""
+    from .tasks.instruct import prompt_of
+
+    return question if question.rstrip().endswith("Response:") else prompt_of(question)
+
+
+EMPTY_ANSWER = ("**No answer:** the model's first token was the end of the sequence (an empty generation). "
+                "Rephrase the question as the checkpoint was trained (pick an example), or try sampling.")
+
+
 # ---- the page ---------------------------------------------------------------------------------
-def build_app(model: AdemVLModel, example_rows: list[list[str]] | None = None) -> Any:
-    """The Gradio Blocks of the page, for one loaded model. Launch it with `launch(app, ...)`."""
+def build_app(model: AdemVLModel, example_rows: list[list[str]] | None = None, wrap: Any = None) -> Any:
+    """The Gradio Blocks of the page, for one loaded model. Launch it with `launch(app, ...)`.
+
+    wrap: question -> prompt (e.g. `as_instruction` for a checkpoint trained on instruction prompts)."""
     import gradio as gr
 
     from .inspect import render, where_it_looked
@@ -193,7 +228,7 @@ def build_app(model: AdemVLModel, example_rows: list[list[str]] | None = None) -
         # outputs: answer, status, option probabilities, picture, layer, token, state
         try:
             image = read_upload(payload)
-            question = check_question(model, image, question)
+            question = check_question(model, image, wrap(question) if wrap and (question or "").strip() else question)
         except ValueError as e:
             yield "", f"**Error:** {e}", gr.update(value=None, visible=False), None, gr.update(), gr.update(), None
             return
@@ -212,6 +247,8 @@ def build_app(model: AdemVLModel, example_rows: list[list[str]] | None = None) -
             return
         probs = gr.update(value=found or None, visible=bool(found))
         status = f"Answered in {seconds:.1f} s ({len(ids)} tokens)."
+        if not text.strip():
+            status = f"{EMPTY_ANSWER} ({seconds:.1f} s)"
         if looked is None:
             status += " Text-only question (\"Image: N/A\"): the fusion read the position tables only, no image to show."
             yield text, status, probs, None, gr.update(), gr.update(), None
@@ -295,8 +332,9 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 7860, llm
     if examples_dir and not (data / "problems.json").exists():
         raise FileNotFoundError(f"{data}: no problems.json; --examples takes a ScienceQA-layout data directory")
     model = AdemVLModel.from_pretrained(checkpoint, llm=llm, vision=vision)
+    emoji = (data / "llava_test.json").exists()  # the emoji demo trains instruction prompts
     try:
-        launch(build_app(model, examples(data)), host, port)
+        launch(build_app(model, examples(data), wrap=as_instruction if emoji else None), host, port)
     except OSError as e:  # Gradio's "Cannot find empty port": say which flag fixes it
         raise ValueError(f"cannot listen on {host}:{port} ({e}); pass another --port") from e
     return 0

@@ -23,7 +23,7 @@ def test_per_type_accuracy() -> None:
 
 def test_demo_writes_checkpoint_report_and_figures(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n", "50", "--batch-size", "8", *TINY]) == 0
+    assert main(["demo", "--task", "shapes", "--out", str(out), "--n", "50", "--batch-size", "8", *TINY]) == 0
     assert "image questions:" in capsys.readouterr().out
     for f in ("report.md", "report.json", "loss.png", "drops.png", "checkpoint/adapter.safetensors",
               "eval/trained/preds.json", "eval/blanked/scores.json", "eval/untrained/preds.json", "eval/shuffled/preds.json"):

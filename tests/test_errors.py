@@ -768,14 +768,14 @@ def _(shared, tmp):
 @case("demo-config-yaml-syntax")
 def _(shared, tmp):
     (tmp / "demo.yaml").write_text("train: {max_steps: 2\n")
-    return ["demo", "--out", str(tmp / "demo"), "--n", "10", "--config", str(tmp / "demo.yaml")], [
+    return ["demo", "--task", "shapes", "--out", str(tmp / "demo"), "--n", "10", "--config", str(tmp / "demo.yaml")], [
         f"{tmp / 'demo.yaml'}: not valid YAML"]
 
 
 @case("demo-out-is-a-file")
 def _(shared, tmp):
     (tmp / "demo").write_text("notes")
-    return ["demo", "--out", str(tmp / "demo"), "--n", "10"], [f"{tmp / 'demo'}: is a file; --out needs a directory"]
+    return ["demo", "--task", "shapes", "--out", str(tmp / "demo"), "--n", "10"], [f"{tmp / 'demo'}: is a file; --out needs a directory"]
 
 
 # ---- params, data, bench -----------------------------------------------------------------------

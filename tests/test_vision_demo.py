@@ -16,7 +16,7 @@ TINY_LLM = ["--model.llm", "random:tiny-llama", "--train.max_steps", "2", "--tra
 
 def test_demo_report_names_the_pretrained_cnn_tower(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n", "50", "--batch-size", "8", *TINY_LLM]) == 0  # demo.yaml's tower
+    assert main(["demo", "--task", "shapes", "--out", str(out), "--n", "50", "--batch-size", "8", *TINY_LLM]) == 0  # demo.yaml's tower
     assert "vision tower: embedded:mobilenet-v2 (ImageNet-1k pretrained CNN (MobileNetV2), frozen; not CLIP)" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["models"]["vision"] == "embedded:mobilenet-v2"

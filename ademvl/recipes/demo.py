@@ -124,12 +124,6 @@ def plot_loss(log: Path, path: Path, vision: str = hub.EMBEDDED_CNN) -> None:
 
 def plot_drops(model: AdemVLModel, data: Path, path: Path, n_images: int = 4) -> dict[str, Any]:
     """Fig. 3 of the paper, for a few test images: dropped visual tokens at both scales."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
     from ..tasks import scienceqa as sqa
 
     problems = sqa.read_problems(data, "test")
@@ -140,25 +134,39 @@ def plot_drops(model: AdemVLModel, data: Path, path: Path, n_images: int = 4) ->
             chosen.append((pid, p))
         if len(chosen) == n_images:
             break
-    samples = [sqa.to_sample(pid, p) for pid, p in chosen]
+    rows = [(sqa.to_sample(pid, p), p["image_path"], f"{p['qtype']}: {p['choices'][p['answer']]}") for pid, p in chosen]
+    summary = plot_drop_rows(model, rows, path)
+    for s, (pid, p) in zip(summary["images"], chosen):
+        s.update(pid=pid, qtype=p["qtype"])
+    return summary
+
+
+def plot_drop_rows(model: AdemVLModel, rows: list[tuple[Any, Any, str]], path: Path) -> dict[str, Any]:
+    """The drop figure of (sample, image path, title) rows: one row per sample, a panel per layer and scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
     n_layers = len(decoder_layers(model.llm))
     layers = sorted({0, n_layers // 2, n_layers - 1})
-    decisions = drop_decisions(model, samples, layers)
+    decisions = drop_decisions(model, [s for s, _, _ in rows], layers)
     scales = model.config.scales
-    fig, axes = plt.subplots(len(chosen), 1 + len(layers) * len(scales), figsize=(2.2 * (1 + len(layers) * len(scales)), 2.3 * len(chosen)),
+    fig, axes = plt.subplots(len(rows), 1 + len(layers) * len(scales), figsize=(2.2 * (1 + len(layers) * len(scales)), 2.3 * len(rows)),
                              squeeze=False)
     summary = []
-    for r, ((pid, p), dec) in enumerate(zip(chosen, decisions)):
-        img = Image.open(p["image_path"]).convert("RGB")
+    for r, ((_, image, title), dec) in enumerate(zip(rows, decisions)):
+        img = Image.open(image).convert("RGB")
         axes[r, 0].imshow(img)
-        axes[r, 0].set_title(f"{p['qtype']}: {p['choices'][p['answer']]}", fontsize=8)
+        axes[r, 0].set_title(title, fontsize=8)
         c = 1
         for layer in layers:
             for mask in scale_maps(dec[layer], scales):
                 overlay(axes[r, c], img, mask, **DROP_STYLE)
                 axes[r, c].set_title(f"layer {layer}, {mask.shape[0]}x{mask.shape[0]}", fontsize=8)
                 c += 1
-        summary.append({"pid": pid, "qtype": p["qtype"],
+        summary.append({"title": title,
                         "dropped_per_scale": {str(layer): [int(dec[layer][sum(scales[:j]) : sum(scales[: j + 1])].sum())
                                                            for j in range(len(scales))] for layer in layers}})
     for ax in axes.flat:
@@ -172,12 +180,25 @@ def plot_drops(model: AdemVLModel, data: Path, path: Path, n_images: int = 4) ->
 
 
 # ---- the run ---------------------------------------------------------------------------------
+def fit(cfg: RunConfig, out: Path, times: dict[str, float]) -> dict[str, Any]:
+    """Train as `ademvl train` does, into OUT/checkpoint; times["setup_s"], times["train_s"] set."""
+    from .train import Trainer
+
+    for old in ("log.jsonl", "summary.json"):
+        (out / old).unlink(missing_ok=True)  # a fresh run, not an append to an earlier one
+    t = time.time()
+    trainer = Trainer(cfg)  # builds the models (the embedded LLM is converted once, then cached)
+    times["setup_s"] = time.time() - t
+    summary = trainer.fit()
+    times["train_s"] = summary["wall_s"]
+    return summary
+
+
+# ---- the demo ---------------------------------------------------------------------------------
 def run_demo(out: str | Path = "runs/demo", config: str | Path = REPO_CONFIG, n: int = 4000, seed: int = 0,
              overrides: list[str] | None = None, batch_size: int = 16) -> dict[str, Any]:
     """Everything `ademvl demo` does; returns what report.json holds."""
     from accelerate.utils import set_seed
-
-    from .train import Trainer
 
     t_start = time.time()
     out = Path(out)
@@ -191,14 +212,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path = REPO_CONFIG, n:
     times["data_s"] = time.time() - t
 
     cfg = tower_settings(config, [*(overrides or []), f"data.root={data}", f"train.output_dir={out}", f"train.seed={seed}"])
-    for old in ("log.jsonl", "summary.json"):
-        (out / old).unlink(missing_ok=True)  # a fresh run, not an append to an earlier one
-    t = time.time()
-    trainer = Trainer(cfg)  # builds the models (the embedded LLM is converted once, then cached)
-    times["setup_s"] = time.time() - t
-    summary = trainer.fit()
-    times["train_s"] = summary["wall_s"]
-    del trainer
+    summary = fit(cfg, out, times)
 
     t = time.time()
     model = AdemVLModel.from_pretrained(out / "checkpoint")
@@ -304,6 +318,7 @@ def render_report(r: dict[str, Any]) -> str:
               f"- trainable parameters: {r['trainable_params']:,}",
               f"- steps: {tr['steps']}, total batch {r['config']['train'].get('batch_size')} x "
               f"{r['config']['train'].get('grad_accum', 1)}, {tr['sec_per_step']:.2f} s per step, final loss {tr['final_loss']:.4f}",
+              f"- precision of the training steps: {tr.get('precision_note', 'fp32')}; evaluation in fp32",
               f"- wall time: data {times['data_s']:.0f} s, model set-up {times['setup_s']:.0f} s, training {times['train_s']:.0f} s, "
               f"evaluation and figures {times['eval_s']:.0f} s, total {times['total_s']:.0f} s",
               "", "![loss](loss.png)", "",

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from .. import sharding, tasks
+from .. import precision, sharding, tasks
 from ..config import RunConfig
 from ..data import Sample
 from ..files import InputError, InputNotFound, atomic_directory, output_dir, read_torch
@@ -168,15 +168,14 @@ class Trainer:
         self.cfg = cfg
         self.tc, self.model_cfg = cfg.train, cfg.model
         self.out = Path(self.tc.output_dir)
-        mp = self.tc.mixed_precision
-        if mp == "auto":
-            mp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "no"
+        # auto: bf16 on a GPU, and on a CPU that computes in bf16 (ademvl/precision.py); fp32 elsewhere
+        self.precision = precision.resolve(self.tc.mixed_precision)
         # cpu=True on a machine without an accelerator lets torchrun start gloo data parallel; it
         # would also switch DeepSpeed off, which runs on CPUs by itself (gloo).
         stage = sharding.zero_stage(self.tc.sharding)
         plugin = sharding.deepspeed_plugin(stage, self.tc) if stage and sharding.launcher_asks() != "deepspeed" else None
-        self.acc = Accelerator(mixed_precision=mp, cpu=not (torch.accelerator.is_available() or stage), deepspeed_plugin=plugin,
-                               kwargs_handlers=sharding.process_group_kwargs(stage),
+        self.acc = Accelerator(mixed_precision=self.precision, cpu=not (torch.accelerator.is_available() or stage),
+                               deepspeed_plugin=plugin, kwargs_handlers=sharding.process_group_kwargs(stage),
                                log_with="tensorboard", project_dir=str(self.out))
         engine = {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(self.acc.distributed_type)
         self.sharding = self.tc.sharding  # or what an Accelerate config runs (GPUs) when that is not set:
@@ -213,7 +212,7 @@ class Trainer:
             model.load_adapter(self.resume_from)
         if self.own_fsdp:
             sharding.shard_fsdp(model, decoder_layers(model.llm), self.acc.device,
-                                torch.bfloat16 if mp == "bf16" else torch.float16 if mp == "fp16" else None)
+                                torch.bfloat16 if self.precision == "bf16" else torch.float16 if self.precision == "fp16" else None)
         optimizer = torch.optim.AdamW(self.param_groups(model), lr=self.lr, weight_decay=self.tc.weight_decay,
                                       betas=self.tc.betas)
         if engine == "deepspeed":
@@ -302,7 +301,7 @@ class Trainer:
             raise TrainingDiverged(
                 f"loss is {loss} at step {step + 1}; training stopped without applying this update. "
                 f"Last good checkpoint: {last[-1] if last else 'none'}. Lower the learning rate "
-                "(train.blr / train.lr_multipliers) or use --train.mixed_precision no, then --resume auto.")
+                "(train.blr / train.lr_multipliers) or use --train.mixed_precision fp32, then --resume auto.")
         clip = sharding.clip_grad_norm if self.own_fsdp else self.acc.clip_grad_norm_
         norm = clip(self.trainable, self.tc.clip_grad) if self.tc.clip_grad else None
         self.optimizer.step()
@@ -349,6 +348,10 @@ class Trainer:
         if rng.exists():
             _set_rng_state(read_torch(rng, "the RNG state of a training checkpoint"))
 
+    def precision_note(self) -> str:
+        """What the steps compute in, and why (e.g. "bf16 (auto: this CPU computes in bf16)")."""
+        return precision.describe(self.tc.mixed_precision, self.precision)
+
     def unwrapped(self) -> AdemVLModel:
         return self.acc.unwrap_model(self.model)
 
@@ -369,14 +372,16 @@ class Trainer:
         main = self.acc.is_main_process
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+                                                  + f"# precision: {self.precision_note()}\n")
             self.acc.init_trackers("tensorboard")
         log = open(self.out / "log.jsonl", "a") if main else None
         if main:
             where = f"resumed from {self.resume_from} at step {self.step}" if self.resume_from else "from scratch"
             print(f"ademvl train: {len(self.samples)} samples, total batch {self.total_batch} "
                   f"({self.acc.num_processes} process(es) x {self.tc.batch_size} x {self.tc.grad_accum} accum), "
-                  f"{self.max_steps} steps, lr {self.lr:.3g}, {self.raw.num_trainable():,} trainable parameters, {where}",
+                  f"{self.max_steps} steps, lr {self.lr:.3g}, {self.raw.num_trainable():,} trainable parameters, "
+                  f"precision {self.precision_note()}, {where}",
                   file=sys.stderr)
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not main, dynamic_ncols=True)
         start, t_last, losses = time.time(), time.time(), []
@@ -411,6 +416,7 @@ class Trainer:
         summary = {"steps": self.step, "final_loss": losses[-1] if losses else None, "wall_s": time.time() - start,
                    "sec_per_step": (time.time() - start) / max(1, len(losses)), "processes": self.acc.num_processes,
                    "ranks_identical": bool((sums == sums[0]).all()), "trainable_params": self.raw.num_trainable(),
+                   "precision": "fp32" if self.precision == "no" else self.precision, "precision_note": self.precision_note(),
                    "sharding": self.sharding, "llm_param_bytes_per_rank": llm_bytes.tolist(),
                    "peak_rss_mib_per_rank": peak_rss.tolist(),
                    "checkpoint": str(self.out / "checkpoint")}

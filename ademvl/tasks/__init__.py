@@ -28,8 +28,8 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-TASKS = ("scienceqa", "coco", "mme", "instruct", "synthetic")  # shapes.py makes a ScienceQA-layout dataset
-EVAL_TASKS = ("scienceqa", "coco", "mme")
+TASKS = ("scienceqa", "coco", "mme", "instruct", "synthetic")  # shapes.py, emoji.py write the layouts of these
+EVAL_TASKS = ("scienceqa", "coco", "mme", "emoji")
 
 
 def get(name: str, evaluable: bool = False) -> ModuleType:
