@@ -20,9 +20,10 @@ from .conftest import samples
 from .test_train import ENV, TINY, losses, tiny, weights
 
 # 2 ranks x batch 2 x 2 micro-steps == 1 process x batch 2 x 4 micro-steps (the recipe's data order).
-# Half the samples without an image: ranks then differ in which parameters get a gradient.
+# Half the samples without an image: ranks then differ in which parameters get a gradient. fp32 on
+# any CPU (`auto` is bf16 on CPUs that compute in it): the checks are to 1e-6.
 COMMON = ["--train.max_steps", "4", "--model.adapter_dropout", "0", "--train.batch_size", "2",
-          "--data.text_only_fraction", "0.5"]
+          "--data.text_only_fraction", "0.5", "--train.mixed_precision", "fp32"]
 ENGINES = ["fsdp", pytest.param("deepspeed-zero2", marks=pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="the deepspeed extra is not installed"))]
 
