@@ -84,6 +84,9 @@ def test_two_sharded_processes_train_as_one_save_a_whole_adapter_and_resume_exac
     assert losses(resumed) == losses(full)[2:]
     for k, v in weights(resumed).items():
         torch.testing.assert_close(v, a[k], rtol=0, atol=1e-6)
+    # Each engine keeps its own optimizer state: resuming under another is refused, with the fix.
+    with pytest.raises(ValueError, match=f"saved with train.sharding {engine}, this run has none.*--train.sharding {engine}"):
+        Trainer(tiny(tmp_path / "other", *COMMON, "--train.grad_accum", "4"), resume=str(full / "checkpoints" / "step-2"))
 
 
 def test_a_launch_that_would_not_shard_is_refused(tmp_path: Path, monkeypatch) -> None:
