@@ -50,10 +50,12 @@ def check_launch(sharding: str, world: int, accelerate_engine: str | None, asked
     asked: what the launcher's config asked for (`launcher_asks`). fsdp_version: of Accelerate's plugin.
     """
     if sharding == "deepspeed-zero3":
-        # Measured (2 CPU processes, DeepSpeed 0.19.8): both ranks hang before the first step, even
-        # with every sample holding an image; not yet understood, so refused rather than left to hang.
-        raise ValueError("train.sharding=deepspeed-zero3 is not supported yet (it hangs before the first step "
-                         "here); use --train.sharding fsdp, which shards the frozen LLM's parameters the same way")
+        # Measured (2 CPU processes, DeepSpeed 0.19.8): under ZeRO-3 transformers builds models inside
+        # zero.Init, whose broadcasts need every rank, while the recipe builds on rank 0 first
+        # (main_process_first): a hang. Building on all ranks at once, it trains and halves the LLM's
+        # bytes, but from another model than one process builds (step-0 loss 10.83 against 10.74).
+        raise ValueError("train.sharding=deepspeed-zero3 is not supported yet (see docs/training.md); "
+                         "use --train.sharding fsdp, which shards the frozen LLM's parameters the same way")
     if sharding != "none" and world < 2:
         raise ValueError(f"train.sharding={sharding} needs 2 or more processes (this run has 1): launch with "
                          "`torchrun --nproc_per_node N -m ademvl train ...` or `accelerate launch`, "
