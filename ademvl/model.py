@@ -10,6 +10,7 @@ backbone is a new Tower, not a change here. Everything trainable lives in this m
     proj              step 3   V (C) -> Xv (d), low rank
     pos_k, pos_v      step 4   position tables shared by all layers
     cls_proj          step 5   [cls] (C) -> one input embedding
+    input_proj        Table X  (ablation only) pooled patches (C) -> input embeddings, LLaVA-style
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from . import hub
 from .config import AdemVLConfig
 from .data import IMAGE_TOKEN_ID, AdemProcessor
 from .files import InputError, atomic_directory, first_line, read_safetensors
-from .fusion import Fusion, VisualMemory
+from .fusion import Fusion, VisualMemory, fuse_memvp_form
+from .sharding import is_sharded
 from .vision import Tower, check_scales, make_adapters, make_tower, multiscale
 
 WEIGHTS_NAME = "adapter.safetensors"
@@ -76,7 +78,7 @@ class AdemVLModel(nn.Module):
         vision.requires_grad_(False)
         self.tower: Tower = make_tower(vision)  # what runs, where adapters hook, which tokens come out
         self.tower.truncate(config.vision_layer)  # the blocks after the one we read never run
-        check_scales(config.scales, self.tower.side, config.vision)
+        check_scales(config.scales + ((config.input_tokens,) if config.input_tokens else ()), self.tower.side, config.vision)
 
         d, c = llm.config.hidden_size, self.tower.width
         n = config.num_visual_tokens
@@ -85,14 +87,17 @@ class AdemVLModel(nn.Module):
             self.vision_adapters = make_adapters(self.tower, config)
             self.proj = Projector(c, config.hidden_proj, d, config.proj_zero_init)
             self.cls_proj = Projector(c, config.hidden_proj, d, config.proj_zero_init) if config.use_cls else None
+            self.input_proj = Projector(c, config.hidden_proj, d, config.proj_zero_init) if config.input_tokens else None
             self.pos_k = nn.Parameter(torch.randn(n, d) * 0.02)  # (N, d), E_k
             self.pos_v = nn.Parameter(torch.zeros(n, d))  # (N, d), E_v
+        if fusion is None and config.fusion_form == "memvp":
+            fusion = fuse_memvp_form  # Table VI's baseline: the nonlinearity on the scores
         self.memory = VisualMemory(config.alpha, config.drop_ratio, config.qk_act, fusion)
 
         for block, adapter in zip(self.tower.blocks(), self.vision_adapters):
             self.tower.hook_adapter(block, adapter)
         for layer in decoder_layers(llm):
-            layer.mlp.register_forward_hook(self.memory.mlp_hook)
+            self.memory.attach(layer, config.query_from, config.add_to)
 
         self.preprocess = self.tower.preprocess(config)  # the pixels the tower sees, recorded below
         config.base = {
@@ -180,7 +185,8 @@ class AdemVLModel(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor | None, image_mask: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Steps 1-5: keys (B, N, d), values (B, N, d) and [cls] embeddings (n_img, d).
+        """Steps 1-5: keys (B, N, d), values (B, N, d) and the input embeddings of each image sample
+        (n_img, S, d): its [cls] (step 5), then `input_tokens` pooled patch tokens (Table X); None when S = 0.
 
         Only the samples with an image run through the tower. The image indicator multiplies Xv
         (step 3), so a sample without an image gets no visual signal; the position tables still
@@ -191,25 +197,40 @@ class AdemVLModel(nn.Module):
         b, d, dtype = image_mask.shape[0], self.pos_k.shape[1], self.pos_k.dtype
         image_mask = image_mask.to(device).bool()
         xv = torch.zeros(b, self.config.num_visual_tokens, d, device=device, dtype=dtype)  # (B, N, d)
-        cls_emb = None
+        slots = None
         if image_mask.any():
             px = pixel_values[image_mask.to(pixel_values.device)].to(next(self.vision.parameters()).dtype)
             feats = self.tower.features(px).to(dtype)  # (b, 1 + P, C)
             visual = multiscale(feats[:, 1:], self.config.scales, self.config.pooling)  # (b, N, C)
             xv = xv.index_put((image_mask.nonzero()[:, 0],), (self.proj(visual) * self.config.beta).to(dtype))  # (B, N, d)
-            if self.cls_proj is not None:
-                cls_emb = self.cls_proj(feats[:, 0]).to(dtype)  # (b, d)
-        return xv + self.pos_k, xv + self.pos_v, cls_emb  # K, V: (B, N, d) each
+            parts = [self.cls_proj(feats[:, :1])] if self.cls_proj is not None else []  # (b, 1, d)
+            if self.input_proj is not None:
+                tokens = multiscale(feats[:, 1:], (self.config.input_tokens,), self.config.pooling)  # (b, M, C)
+                parts.append(self.input_proj(tokens))  # (b, M, d)
+            slots = torch.cat(parts, dim=1).to(dtype) if parts else None  # (b, S, d)
+        return xv + self.pos_k, xv + self.pos_v, slots  # K, V: (B, N, d) each
 
-    def embed(self, input_ids: Tensor, cls_emb: Tensor | None) -> Tensor:
-        """Input embeddings with each image sample's placeholder replaced by its [cls] embedding."""
+    @property
+    def image_slots(self) -> int:
+        """S: input positions an image sample fills after its prefix ([cls], then Table X's tokens)."""
+        return int(self.config.use_cls) + self.config.input_tokens
+
+    def embed(self, input_ids: Tensor, slots: Tensor | None, image_mask: Tensor | None = None) -> Tensor:
+        """Input embeddings with each image sample's S placeholders replaced by its slots (n_img, S, d).
+
+        image_mask (B,): which samples the slots belong to; an image sample whose layout has no
+        placeholder then gets none (the released generate() can cut them away, released_protocol)."""
         placeholder = input_ids == IMAGE_TOKEN_ID  # (B, T)
         emb = self.llm.get_input_embeddings()(input_ids.clamp(min=0))  # (B, T, d)
         if placeholder.any():
-            if cls_emb is None or placeholder.sum() != cls_emb.shape[0] or (placeholder.sum(1) > 1).any():
-                raise ValueError("each sample with an image needs exactly one [cls] placeholder "
+            per_sample = placeholder.sum(1)  # (B,): 0 for a text-only sample, S for an image sample
+            if slots is not None and image_mask is not None:
+                slots = slots[per_sample[image_mask.to(per_sample.device).bool()] > 0]
+            if slots is None or placeholder.sum() != slots.shape[0] * slots.shape[1] or \
+                    ((per_sample != 0) & (per_sample != slots.shape[1])).any():
+                raise ValueError(f"each sample with an image needs exactly {self.image_slots} image placeholder(s) "
                                  "(build inputs with model.processor)")
-            emb = emb.index_put(placeholder.nonzero(as_tuple=True), cls_emb.to(emb.dtype))
+            emb = emb.index_put(placeholder.nonzero(as_tuple=True), slots.reshape(-1, slots.shape[-1]).to(emb.dtype))
         return emb
 
     def prepare(self, input_ids: Tensor, pixel_values: Tensor | None = None,
@@ -221,12 +242,16 @@ class AdemVLModel(nn.Module):
         """
         if pixel_values is None or image_mask is None:
             image_mask = torch.zeros(input_ids.shape[0], dtype=torch.bool)  # a batch without images
-        keys, values, cls_emb = self.encode_images(pixel_values, image_mask)
-        return self.embed(input_ids, cls_emb), keys, values
+        keys, values, slots = self.encode_images(pixel_values, image_mask)
+        return self.embed(input_ids, slots, image_mask), keys, values
 
-    def value_span(self) -> tuple[Tensor, Tensor]:
+    def value_span(self) -> tuple[Tensor, Tensor] | None:
         """(E_v (N, d), [W2 | b2] (d, hidden_proj + 1)): V - E_v lies in the span of the projector's
-        last layer (step 3), so a decode step reads V factored (fusion.LowRankValues)."""
+        last layer (step 3), so a decode step reads V factored (fusion.LowRankValues). None off the CPU:
+        on a GPU, reading V dense measured faster (H200, LLaMA-7B shape, batch 16: 5.6 against 8.9 ms per
+        decode step of the fusion over 32 layers; docs/gpu.md), while on a CPU the factored read wins."""
+        if self.pos_v.device.type != "cpu":
+            return None
         fc2 = self.proj.fc2
         return self.pos_v.detach(), torch.cat([fc2.weight, fc2.bias[:, None]], dim=1).detach()
 
@@ -261,6 +286,9 @@ class AdemVLModel(nn.Module):
 
         Returns only the new tokens (B * num_return_sequences, new). Use left padding.
         """
+        if is_sharded(self):  # FSDP gathers parameters around forward(), and generate() is not forward()
+            raise RuntimeError("this model is sharded over processes (train.sharding fsdp); generate from its saved "
+                               "adapter in one process: AdemVLModel.from_pretrained(OUT/checkpoint), as ademvl eval does")
         inputs_embeds, keys, values = self.prepare(input_ids, pixel_values, image_mask)
         expand = generate_kwargs.get("num_beams", 1) * generate_kwargs.get("num_return_sequences", 1)
         generate_kwargs.setdefault("pad_token_id", self.processor.pad if self.tokenizer is not None else None)
@@ -279,19 +307,24 @@ class AdemVLModel(nn.Module):
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     # ---- save / load ------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, state: dict[str, Tensor] | None = None) -> Path:
         """Write adapter.safetensors (trainable weights only) + ademvl_config.json, atomically.
 
         Files go to a temporary sibling directory first, which then replaces `directory` by
         rename: a crash mid-write never leaves a half-written checkpoint under the final name.
         """
         with atomic_directory(directory) as tmp:
-            self.write_checkpoint(tmp)
+            self.write_checkpoint(tmp, state)
         return Path(directory)
 
-    def write_checkpoint(self, directory: Path) -> None:
-        """The two checkpoint files into an existing directory (save_pretrained makes this atomic)."""
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.trainable_state_dict().items()}
+    def write_checkpoint(self, directory: Path, state: dict[str, Tensor] | None = None) -> None:
+        """The two checkpoint files into an existing directory (save_pretrained makes this atomic).
+
+        state: the trainable weights whole, when this model holds only a shard of them
+        (ademvl.sharding.full_trainable_state); by default its own parameters.
+        """
+        if state is None:
+            state = {k: v.detach().to("cpu").contiguous() for k, v in self.trainable_state_dict().items()}
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "ademvl": "1"})
         config_path = self.config.save(directory)
         # safetensors writes its file owner-only (0600); give it the umask's mode, like the config,

@@ -61,7 +61,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 # What the released code fixes in its source (not in args); an export must match these.
 RELEASED_FIXED = dict(vision_layer=-2, adapter_scale=0.1, adapter_dropout=0.1, pooling="avg", qk_act="silu",
-                      image_prefix="Image: ", no_image_prefix="Image: N/A")
+                      image_prefix="Image: ", no_image_prefix="Image: N/A", fusion_form="cross_attention",
+                      query_from="mlp_input", add_to="mlp_output", input_tokens=0)
 REQUIRED_ARGS = ("down_sample_num", "alpha", "beta", "drop_ratio")
 DEAD_NOTE = ("the adapter of the last vision block: the released code builds it, but reads the second to last "
              "block (resblocks[:-1]), so it never runs and never trained")

@@ -11,7 +11,10 @@ special tokens here:
 No "\\n" after the [cls] embedding (ours has one), and `text` is one string: for training
 prompt + answer joined without a space ("...Response:The answer is A." + EOS, the loss from the
 first token after tok(prompt)); for evaluation the prompt alone. Sequences are cut at the end to
-512 tokens (training) or 512 - new tokens (generation), as the released code cuts them.
+512 tokens (training) or 512 - new tokens (generation), as the released code cuts them; a cut
+generation prompt gets its [cls] where the released generate() puts it (`generation_cut`).
+Images are read as the released scripts read them: PIL's `.convert("RGB")`, so a transparent
+pixel keeps the colour stored under it (ours composites transparency on white).
 
 The evaluation scripts, per task:
 
@@ -46,6 +49,7 @@ COCO_PROMPT, COCO_NEW_TOKENS = "a picture of", 20
 MME_NEW_TOKENS = 10
 MAX_LENGTH = 512  # the released code's max_seq_len and generation window
 CLS = IMAGE_TOKEN_ID
+SLOT_ID = 0  # the token id the released generate() puts in the [cls] slot before writing [cls] there
 FIRST_CAPITAL = re.compile(r"([A-Z])")
 AFTER_PICTURE_OF = re.compile(r"picture of (.+)")
 OPTIONS = ("A", "B", "C", "D", "E")
@@ -114,7 +118,7 @@ class ReleasedProcessor(AdemProcessor):
         prompt, target = sample.turns[0]
         has_image = sample.image is not None
         if not train:
-            ids = self.layout(prompt, has_image)[: MAX_LENGTH - self.max_new_tokens]
+            ids = generation_cut(self.layout(prompt, has_image), MAX_LENGTH - self.max_new_tokens)
             return {"id": sample.id, "input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "image": sample.image}
         ids = self.layout(prompt + target, has_image) + [self.eos]
         n_prompt = len(self.layout(prompt, has_image))  # the loss starts after tok(prompt), counted alone
@@ -122,12 +126,32 @@ class ReleasedProcessor(AdemProcessor):
         return {"id": sample.id, "input_ids": ids[:MAX_LENGTH], "labels": labels[:MAX_LENGTH], "image": sample.image}
 
     def image_tensor(self, image: Any) -> Any:
+        """eval_sqa.py, eval_mme.py and their COCO dataset: `Image.open(path).convert('RGB')`: alpha
+        dropped, a palette's transparent index shown in its stored colour (not on white, as ours)."""
         from PIL import Image
 
-        from .images import load_image
+        from .files import read_image
+        from .images import DATASET_HINT
 
-        img = image if isinstance(image, Image.Image) else load_image(image)
-        return image_to_tensor(img, self.image_size, self.mean, self.std)
+        img = image if isinstance(image, Image.Image) else read_image(image, DATASET_HINT)
+        return image_to_tensor(img.convert("RGB"), self.image_size, self.mean, self.std)
+
+
+def generation_cut(ids: list[int], window: int) -> list[int]:
+    """The released generate() on a prompt longer than `window` (512 - new tokens): the end is cut,
+    and [cls] is placed from the *uncut* length (adem/model.py: `pos - len(prompt_tokens[i]) -
+    max_gen_len`), so it lands `excess` positions before its slot, over a prompt token, while the slot
+    keeps token SLOT_ID's embedding; when that falls before position 1 it is not written at all.
+    Reproduced because it changes their scores (docs/released.md)."""
+    excess = len(ids) - window
+    if excess <= 0 or CLS not in ids:
+        return ids[:window]
+    pos = ids.index(CLS)
+    out = ids[:window]
+    out[pos] = SLOT_ID
+    if pos - excess >= 1:
+        out[pos - excess] = CLS
+    return out
 
 
 def processor_for(model: Any, task: str) -> ReleasedProcessor:

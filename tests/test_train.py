@@ -24,7 +24,8 @@ from .conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "ademvl" / "configs" / "tiny.yaml"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# CPU processes (gloo) even where a GPU is visible: two ranks on a one-GPU machine would both ask for cuda:rank.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -59,7 +60,7 @@ def test_config_overrides_lr_rule_and_errors(tmp_path: Path) -> None:
     assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     # YAML reads a bare `no` as false; the setting still means fp32
     assert load_run_config(TINY, ["--train.mixed_precision", "no"]).train.mixed_precision == "no"
-    with pytest.raises(ValueError, match="choose auto, no, bf16 or fp16"):
+    with pytest.raises(ValueError, match=r"choose auto, fp32 \(or no\), bf16 or fp16"):
         TrainConfig.from_dict({"mixed_precision": "fp8"})
 
 

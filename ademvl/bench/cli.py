@@ -9,7 +9,7 @@ from pathlib import Path
 from .baselines import METHODS
 from .flops import flops_at_depth
 from .report import flops_markdown
-from .run import DTYPES, BenchSettings, run_bench
+from .run import DTYPES, PRECISIONS, BenchSettings, run_bench
 
 D = BenchSettings()  # the defaults
 
@@ -22,10 +22,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=D.batch)
     p.add_argument("--text-len", type=int, default=D.text_len, help="text tokens per sample (without any visual token)")
     p.add_argument("--new-tokens", type=int, default=D.new_tokens, help="greedy new tokens per generation (>= 2)")
-    p.add_argument("--repeats", type=int, default=D.repeats, help="timed rounds (medians are reported)")
+    p.add_argument("--rounds", "--repeats", dest="repeats", type=int, default=D.repeats,
+                   help="timed rounds: medians are reported, with each figure's min, max and spread; a target whose "
+                        "rounds do not decide it is 'not decided (noisy)': more rounds measure longer")
     p.add_argument("--warmup", type=int, default=D.warmup, help="untimed rounds first")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=D.dtype)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=D.dtype,
+                   help="the weights' dtype (bf16: all weights stored in bf16, as on a GPU)")
+    p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=D.precision,
+                   help="what the steps compute in, side by side: fp32, and/or bf16 autocast over the fp32 weights "
+                        "(as `ademvl train` runs it on a CPU or GPU with bf16)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=D.device)
     p.add_argument("--compile", action="store_true", help="run ADEM-VL's fusion through torch.compile")
     p.add_argument("--scales", type=int, nargs="+", default=None, help="ADEM-VL's visual token scales (default 256 64)")

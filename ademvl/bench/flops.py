@@ -16,15 +16,21 @@ from .baselines import METHODS, build_peers
 from .peer import Peer, make_batch
 
 
+def sdpa_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """Attention's two matmuls, 2 per multiply-add: (B, H, Tq, D) @ (B, H, D, Tk), then @ (B, H, Tk, Dv).
+    With grouped-query attention (K, V with fewer heads) every query head still reads all Tk keys;
+    torch's own count (torch.utils.flop_counter.sdpa_flop_count) refuses those shapes before 2.13."""
+    b, h, t_q, d_qk = q_shape
+    t_k, d_v = k_shape[-2], v_shape[-1]
+    return 2 * b * h * t_q * t_k * (d_qk + d_v)
+
+
 def _flop_mapping() -> dict[Any, Callable[..., int]]:
-    """FlopCounterMode knows the CUDA attention kernels; count the CPU one (same formula) too."""
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    def cpu_sdpa(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(q_shape, k_shape, v_shape)
-
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return {op: cpu_sdpa} if op is not None else {}
+    """Every fused attention kernel (CPU and CUDA) counted by `sdpa_flops`, GQA shapes included."""
+    names = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    ops = (getattr(torch.ops.aten, n, None) for n in names)
+    return {op: sdpa_flops for op in ops if op is not None}
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:

@@ -98,6 +98,9 @@ def fusion_bench(batch: int, text_len: int, n_visual: int, d: int, layers: int, 
         "fusion_speedup": med["reference"] / med["fuse"], "fusion_fwd_speedup": fwd["reference"] / fwd["fuse"],
         "fusion_max_rel_diff_out": out_diff, "fusion_max_rel_diff_grad": grad_diff,
         "fusion_same_outputs": out_diff <= tol and grad_diff <= tol, "fusion_same_drops": same_drops,
+        # every timed round, as for the rows' figures: forward + backward, and forward only, per path
+        "fusion_rounds_s": {**{f"{p}_fwd_bwd": ts for p, ts in times.items()},
+                            **{f"{p}_fwd": ts for p, ts in fwd_times.items()}},
     }
     if compile:
         out["fusion_compiled_fwd_bwd_s"] = med["compiled"]
@@ -154,6 +157,7 @@ def decode_bench(batch: int, text_len: int, n_visual: int, d: int, hidden: int, 
         bar.update()
     bar.close()
     out: dict[str, Any] = {f"fusion_{p}_s": statistics.median(ts) for p, ts in times.items()}
+    out["decode_fusion_rounds_s"] = times  # every timed round of each path
     size = v.element_size()
     out["decode_bytes_per_layer"] = {"act_k": batch * n_visual * d * size, "v_dense": batch * n_visual * d * size,
                                      "v_factored": (batch * (hidden + 1) * n_visual + n_visual * d + d * (hidden + 1)) * size}

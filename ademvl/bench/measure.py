@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ..precision import autocast, cpu_computes_bf16
 from .peer import Peer
 
 
@@ -117,9 +118,12 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float | None]]:
         result["mb"] = max(0.0, _status_mib("VmHWM") - base)
 
 
-def train_step(peer: Peer, optimizer: torch.optim.Optimizer | None, batch: dict[str, Tensor]) -> float:
-    """One step: forward with labels, backward, optimizer step. Returns the loss."""
-    loss = peer(**batch).loss
+def train_step(peer: Peer, optimizer: torch.optim.Optimizer | None, batch: dict[str, Tensor],
+               precision: str = "fp32") -> float:
+    """One step: forward with labels (in bf16 autocast for precision "bf16", as `ademvl train` runs
+    it: weights and optimizer state stay fp32), backward, optimizer step. Returns the loss."""
+    with autocast(precision, next(peer.parameters()).device):
+        loss = peer(**batch).loss
     loss.backward()
     if optimizer is not None:
         optimizer.step()
@@ -128,11 +132,18 @@ def train_step(peer: Peer, optimizer: torch.optim.Optimizer | None, batch: dict[
 
 
 def generation_times(peer: Peer, batch: dict[str, Tensor], new_tokens: int, device: torch.device,
-                     clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
-    """(prefill seconds, seconds of the new_tokens - 1 cached decode steps) of greedy generation.
+                     clock: Callable[[], float] = time.perf_counter, precision: str = "fp32") -> tuple[float, float]:
+    """(prefill seconds, seconds of the new_tokens - 1 cached decode steps) of greedy generation,
+    all of it in bf16 autocast for precision "bf16".
 
     The prefill includes the image encoding and the start of the visual memory (act(K)).
     """
+    with autocast(precision, device):
+        return _generation_times(peer, batch, new_tokens, device, clock)
+
+
+def _generation_times(peer: Peer, batch: dict[str, Tensor], new_tokens: int, device: torch.device,
+                      clock: Callable[[], float]) -> tuple[float, float]:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     sync(device)
     t0 = clock()
@@ -150,14 +161,14 @@ def generation_times(peer: Peer, batch: dict[str, Tensor], new_tokens: int, devi
 
 
 def profile_step(peer: Peer, optimizer: torch.optim.Optimizer | None, batch: dict[str, Tensor],
-                 device: torch.device, rows: int = 15) -> str:
+                 device: torch.device, rows: int = 15, precision: str = "fp32") -> str:
     """torch.profiler's table of one training step, the ops with the most self time first."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     peer.train()
     with profile(activities=activities) as prof:
-        train_step(peer, optimizer, batch)
+        train_step(peer, optimizer, batch, precision)
         sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
@@ -170,7 +181,8 @@ def describe_machine(device: torch.device) -> str:
         m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
         if m:
             cpu = m.group(1).strip()
-    text = f"CPU {cpu}, {torch.get_num_threads()} torch threads"
+    bf16 = "computes in bf16" if cpu_computes_bf16() else "no bf16 instructions"
+    text = f"CPU {cpu} ({bf16}), {torch.get_num_threads()} torch threads"
     if device.type == "cuda":
         text = f"GPU {torch.cuda.get_device_name(device)}; {text}"
     return text

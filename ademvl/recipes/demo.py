@@ -318,6 +318,7 @@ def render_report(r: dict[str, Any]) -> str:
               f"- trainable parameters: {r['trainable_params']:,}",
               f"- steps: {tr['steps']}, total batch {r['config']['train'].get('batch_size')} x "
               f"{r['config']['train'].get('grad_accum', 1)}, {tr['sec_per_step']:.2f} s per step, final loss {tr['final_loss']:.4f}",
+              f"- precision of the training steps: {tr.get('precision_note', 'fp32')}; evaluation in fp32",
               f"- wall time: data {times['data_s']:.0f} s, model set-up {times['setup_s']:.0f} s, training {times['train_s']:.0f} s, "
               f"evaluation and figures {times['eval_s']:.0f} s, total {times['total_s']:.0f} s",
               "", "![loss](loss.png)", "",

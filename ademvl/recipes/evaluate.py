@@ -23,15 +23,19 @@ from tqdm import tqdm
 from .. import tasks
 from ..data import Sample
 from ..files import atomic_write_files
+from ..precision import autocast, resolve
 from ..released_protocol import PROTOCOLS
 
 
 @torch.no_grad()
 def generate_texts(model: Any, samples: list[Sample], batch_size: int = 16, desc: str = "generate",
-                   processor: Any = None, **generate_kwargs: Any) -> list[str]:
+                   processor: Any = None, precision: str = "fp32", **generate_kwargs: Any) -> list[str]:
     """The model's answer to the last turn of each sample (special tokens dropped).
 
-    processor: another input layout than the model's own (e.g. the released one)."""
+    processor: another input layout than the model's own (e.g. the released one).
+    precision: fp32, bf16 (autocast over the model's weights) or auto (ademvl.precision.resolve: bf16 on a
+    GPU or a CPU that computes in bf16). fp32 by default: a cached decode step is memory-bound, and
+    autocast re-casts every frozen weight at every step (`ademvl bench --precision fp32 bf16` measures both)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
     was_training = model.training
@@ -44,7 +48,8 @@ def generate_texts(model: Any, samples: list[Sample], batch_size: int = 16, desc
             chunk = samples[i:i + batch_size]
             batch = (processor or model.processor)(chunk, train=False)
             batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            out = model.generate(**batch, **generate_kwargs)
+            with autocast(resolve(precision), device):
+                out = model.generate(**batch, **generate_kwargs)
             n = generate_kwargs.get("num_return_sequences", 1)
             texts += model.tokenizer.batch_decode(out[::n], skip_special_tokens=True)
             bar.update(len(chunk))
@@ -64,7 +69,7 @@ class Evaluation:
 
 
 def evaluate(model: Any, task: str, opts: Any, out_dir: str | Path | None = None, batch_size: int = 16,
-             samples: list[Sample] | None = None) -> Evaluation:
+             samples: list[Sample] | None = None, precision: str = "fp32") -> Evaluation:
     """Run `task` (a name in ademvl.tasks.EVAL_TASKS) with its EvalOptions; write OUT/ if given.
 
     `samples`: the task's eval_samples(opts), when the caller read them already (the CLI does,
@@ -79,7 +84,7 @@ def evaluate(model: Any, task: str, opts: Any, out_dir: str | Path | None = None
 
         processor = processor_for(model, task)
     texts = generate_texts(model, samples, batch_size, desc=f"{task} {getattr(opts, 'split', '')}".strip(),
-                           processor=processor, **t.generation(opts))
+                           processor=processor, precision=precision, **t.generation(opts))
     outputs = t.predict(samples, texts, opts)
     scores = t.score_outputs(outputs, opts)
     if out_dir is not None:

@@ -1,8 +1,10 @@
 """`ademvl train --config FILE`: the training recipe, on Hugging Face Accelerate.
 
-One process on a CPU by default; `accelerate launch` or `torchrun` for data parallel, and FSDP or
-DeepSpeed through Accelerate's own config files (ademvl/configs/accelerate/). No process group or
-gradient sync is written here: Accelerate wraps the model (DDP) and owns mixed precision.
+One process on a CPU by default; `accelerate launch` or `torchrun` for data parallel. No process
+group or gradient sync is written here: Accelerate wraps the model (DDP) and owns mixed precision.
+`train.sharding` (fsdp, deepspeed-zero2) splits the model over the processes instead; what that
+changes (who shards, whole tensors for checkpoints, the engine's optimizer state) is in
+ademvl/sharding.py, and here only where the loop calls it.
 
 A config file (a RunConfig, ademvl/config.py; shipped ones in ademvl/configs/) has three sections:
 
@@ -35,6 +37,7 @@ import math
 import os
 import random
 import re
+import resource
 import shutil
 import sys
 import time
@@ -52,11 +55,11 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from .. import tasks
+from .. import precision, sharding, tasks
 from ..config import RunConfig
 from ..data import Sample
 from ..files import InputError, InputNotFound, atomic_directory, output_dir, read_torch
-from ..model import AdemVLModel
+from ..model import AdemVLModel, decoder_layers
 
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -165,11 +168,23 @@ class Trainer:
         self.cfg = cfg
         self.tc, self.model_cfg = cfg.train, cfg.model
         self.out = Path(self.tc.output_dir)
-        mp = self.tc.mixed_precision
-        if mp == "auto":
-            mp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "no"
-        # cpu=True on a machine without an accelerator lets torchrun start gloo data parallel.
-        self.acc = Accelerator(mixed_precision=mp, cpu=not torch.accelerator.is_available(), log_with="tensorboard", project_dir=str(self.out))
+        # auto: bf16 on a GPU, and on a CPU that computes in bf16 (ademvl/precision.py); fp32 elsewhere
+        self.precision = precision.resolve(self.tc.mixed_precision)
+        # cpu=True on a machine without an accelerator lets torchrun start gloo data parallel; it
+        # would also switch DeepSpeed off, which runs on CPUs by itself (gloo).
+        stage = sharding.zero_stage(self.tc.sharding)
+        plugin = sharding.deepspeed_plugin(stage, self.tc) if stage and sharding.launcher_asks() != "deepspeed" else None
+        self.acc = Accelerator(mixed_precision=self.precision, cpu=not (torch.accelerator.is_available() or stage),
+                               deepspeed_plugin=plugin, kwargs_handlers=sharding.process_group_kwargs(stage),
+                               log_with="tensorboard", project_dir=str(self.out))
+        engine = {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(self.acc.distributed_type)
+        self.sharding = self.tc.sharding  # or what an Accelerate config runs (GPUs) when that is not set:
+        if self.sharding == "none" and engine:
+            self.sharding = "fsdp" if engine == "fsdp" else f"deepspeed-zero{self.acc.state.deepspeed_plugin.zero_stage}"
+        sharding.check_launch(self.sharding, self.acc.num_processes, engine, sharding.launcher_asks(),
+                              self.acc.state.fsdp_plugin.fsdp_version if engine == "fsdp" else None)
+        # FSDP: Accelerate's plugin where it runs (GPUs), else ademvl's own fully_shard (CPU processes).
+        self.own_fsdp = self.sharding == "fsdp" and engine is None
         self.resume_from = resolve_resume(resume, self.out)
         set_seed(self.tc.seed)  # the same initial trainable weights on every rank
 
@@ -185,23 +200,45 @@ class Trainer:
         self.lr = self.tc.lr if self.tc.lr is not None else self.tc.blr * self.total_batch / 256
 
         with self.acc.main_process_first():  # the embedded LLM is converted once, by rank 0
-            model = AdemVLModel.build(self.model_cfg)
+            if self.own_fsdp and not self.acc.is_main_process:  # shapes only: rank 0 sends each its shard
+                model = sharding.build_on_meta(self.model_cfg)
+            else:
+                model = AdemVLModel.build(self.model_cfg)
         if self.tc.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.raw = model
         self.processor = model.processor
+        if self.resume_from is not None:  # before sharding, while the weights are whole tensors
+            model.load_adapter(self.resume_from)
+        if self.own_fsdp:
+            sharding.shard_fsdp(model, decoder_layers(model.llm), self.acc.device,
+                                torch.bfloat16 if self.precision == "bf16" else torch.float16 if self.precision == "fp16" else None)
         optimizer = torch.optim.AdamW(self.param_groups(model), lr=self.lr, weight_decay=self.tc.weight_decay,
                                       betas=self.tc.betas)
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        if engine == "deepspeed":
+            sharding.fit_deepspeed_config(self.acc.state.deepspeed_plugin, self.tc)
+        if self.own_fsdp:  # prepare() would wrap the sharded model in DDP
+            self.model, self.optimizer = model, self.acc.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        if engine == "fsdp":
+            self.model.set_reduce_scatter_unused_params(True)  # as shard_fsdp does (see there)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # Not handed to accelerate.prepare: its wrapper steps the schedule once per process.
         self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
+            self.base_optimizer(),
             num_warmup_steps=self.warmup, num_training_steps=self.max_steps,
             min_lr_rate=self.tc.min_lr / self.lr if self.lr > 0 else 0.0)
         self.step = 0
         if self.resume_from is not None:
             self.load_state(self.resume_from)
+
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch AdamW under Accelerate's wrapper (and DeepSpeed's): the one whose lr the schedule sets."""
+        opt = self.optimizer
+        while hasattr(opt, "optimizer"):
+            opt = opt.optimizer
+        return opt
 
     def param_groups(self, model: AdemVLModel) -> list[dict[str, Any]]:
         """One AdamW group per (parameter group, decay or not), each with its lr multiplier."""
@@ -236,16 +273,26 @@ class Trainer:
         total = torch.zeros((), device=self.acc.device)
         for m, batch in enumerate(micro):
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-            # DDP/FSDP: all-reduce only after the last micro-step (DeepSpeed accumulates itself).
-            last = m == len(micro) - 1 or self.acc.distributed_type == DistributedType.DEEPSPEED
+            # DDP/FSDP: all-reduce only after the last micro-step. DeepSpeed accumulates itself and
+            # steps its optimizer inside backward, where Accelerate says the step's batch ends.
+            deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
+            if deepspeed:
+                self.acc.sync_gradients = m == len(micro) - 1
+            last = m == len(micro) - 1 or deepspeed
             sync = nullcontext() if last else self.acc.no_sync(self.model)
             with sync:
                 with self.acc.autocast():
-                    loss = self.model(**batch, loss_only=True).loss / len(micro)
-                    # A batch without images leaves the vision side without gradient; a zero term
-                    # gives every trainable parameter one, as DDP expects, with no extra graph walk.
-                    loss = loss + 0.0 * sum(p.sum() for p in self.trainable)
-                self.acc.backward(loss)
+                    zero = 0.0
+                    if self.sharding in ("none", "deepspeed-zero2"):  # whole parameters on every rank
+                        # A batch without images leaves the vision side without gradient; a zero term
+                        # gives every trainable parameter one, as DDP and ZeRO-2 expect, with no extra
+                        # graph walk. (FSDP sends zeros for them itself.) Made before the forward, its
+                        # backward runs last, so every parameter's gradient completes in the same order
+                        # whether its batch had images or not: ZeRO-2 reduces them in that order.
+                        zero = 0.0 * sum(p.sum() for p in self.trainable)
+                    loss = self.model(**batch, loss_only=True).loss / len(micro) + zero
+                # DeepSpeed would divide by the accumulation steps again (the loss is divided above).
+                self.acc.backward(loss, **({"scale_wrt_gas": False} if sharding.zero_stage(self.sharding) else {}))
             total += loss.detach()
         loss = self.acc.reduce(total, reduction="mean").item()  # the same number on every rank
         if not math.isfinite(loss):
@@ -254,8 +301,9 @@ class Trainer:
             raise TrainingDiverged(
                 f"loss is {loss} at step {step + 1}; training stopped without applying this update. "
                 f"Last good checkpoint: {last[-1] if last else 'none'}. Lower the learning rate "
-                "(train.blr / train.lr_multipliers) or use --train.mixed_precision no, then --resume auto.")
-        norm = self.acc.clip_grad_norm_(self.trainable, self.tc.clip_grad) if self.tc.clip_grad else None
+                "(train.blr / train.lr_multipliers) or use --train.mixed_precision fp32, then --resume auto.")
+        clip = sharding.clip_grad_norm if self.own_fsdp else self.acc.clip_grad_norm_
+        norm = clip(self.trainable, self.tc.clip_grad) if self.tc.clip_grad else None
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -268,10 +316,12 @@ class Trainer:
 
         rng = gather_object([_rng_state()])  # one per rank, in rank order
         final = self.out / CHECKPOINTS / f"step-{self.step}"
+        adapter = self.full_state()  # collectives when sharded
+        optimizer = sharding.optimizer_state(self.sharding, self.model, self.engine_optimizer())
         if self.acc.is_main_process:
             with atomic_directory(final) as tmp:
-                self.unwrapped().write_checkpoint(tmp)
-                torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                self.unwrapped().write_checkpoint(tmp, adapter)
+                torch.save({"step": self.step, "optimizer": optimizer, "sharding": self.sharding,
                             "scheduler": self.scheduler.state_dict(), "train": dataclasses.asdict(self.tc),
                             "total_batch": self.total_batch, "max_steps": self.max_steps}, tmp / "trainer_state.pt")
                 for rank, state in enumerate(rng):
@@ -286,19 +336,35 @@ class Trainer:
         if state["total_batch"] != self.total_batch:
             raise ValueError(f"{path}: saved with total batch {state['total_batch']}, this run has {self.total_batch} "
                              "(batch_size x grad_accum x processes); the data position would not continue")
-        self.unwrapped().load_adapter(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("sharding", "none") != self.sharding:
+            raise ValueError(f"{path}: saved with train.sharding {state.get('sharding', 'none')}, this run has "
+                             f"{self.sharding}; each engine keeps its own optimizer state: resume with "
+                             f"--train.sharding {state.get('sharding', 'none')}")
+        # The adapter weights were loaded before the model was sharded (__init__).
+        sharding.load_optimizer_state(self.sharding, self.model, self.engine_optimizer(), state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         rng = path / f"rng_state_{self.acc.process_index}.pt"
         if rng.exists():
             _set_rng_state(read_torch(rng, "the RNG state of a training checkpoint"))
 
+    def precision_note(self) -> str:
+        """What the steps compute in, and why (e.g. "bf16 (auto: this CPU computes in bf16)")."""
+        return precision.describe(self.tc.mixed_precision, self.precision)
+
     def unwrapped(self) -> AdemVLModel:
         return self.acc.unwrap_model(self.model)
 
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The trainable weights whole, on every rank (a collective when sharded)."""
+        return sharding.full_trainable_state(self.unwrapped())
+
+    def engine_optimizer(self) -> Any:
+        """The optimizer whose state the engine defines: torch's AdamW under FSDP, else Accelerate's wrapper."""
+        return self.base_optimizer() if self.sharding == "fsdp" else self.optimizer
+
     def weights_checksum(self) -> float:
-        return float(sum(p.detach().double().sum() for p in self.unwrapped().trainable_state_dict().values()))
+        return float(sum(p.double().sum() for p in self.full_state().values()))
 
     # ---- run ----
     def fit(self) -> dict[str, Any]:
@@ -306,14 +372,16 @@ class Trainer:
         main = self.acc.is_main_process
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+                                                  + f"# precision: {self.precision_note()}\n")
             self.acc.init_trackers("tensorboard")
         log = open(self.out / "log.jsonl", "a") if main else None
         if main:
             where = f"resumed from {self.resume_from} at step {self.step}" if self.resume_from else "from scratch"
             print(f"ademvl train: {len(self.samples)} samples, total batch {self.total_batch} "
                   f"({self.acc.num_processes} process(es) x {self.tc.batch_size} x {self.tc.grad_accum} accum), "
-                  f"{self.max_steps} steps, lr {self.lr:.3g}, {self.raw.num_trainable():,} trainable parameters, {where}",
+                  f"{self.max_steps} steps, lr {self.lr:.3g}, {self.raw.num_trainable():,} trainable parameters, "
+                  f"precision {self.precision_note()}, {where}",
                   file=sys.stderr)
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not main, dynamic_ncols=True)
         start, t_last, losses = time.time(), time.time(), []
@@ -343,12 +411,18 @@ class Trainer:
                 log.close()
         self.acc.wait_for_everyone()
         sums = self.acc.gather(torch.tensor([self.weights_checksum()], dtype=torch.float64, device=self.acc.device))
+        llm_bytes = self.acc.gather(torch.tensor([sharding.local_bytes(self.unwrapped().llm)], device=self.acc.device))
+        peak_rss = self.acc.gather(torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024], device=self.acc.device))
         summary = {"steps": self.step, "final_loss": losses[-1] if losses else None, "wall_s": time.time() - start,
                    "sec_per_step": (time.time() - start) / max(1, len(losses)), "processes": self.acc.num_processes,
                    "ranks_identical": bool((sums == sums[0]).all()), "trainable_params": self.raw.num_trainable(),
+                   "precision": "fp32" if self.precision == "no" else self.precision, "precision_note": self.precision_note(),
+                   "sharding": self.sharding, "llm_param_bytes_per_rank": llm_bytes.tolist(),
+                   "peak_rss_mib_per_rank": peak_rss.tolist(),
                    "checkpoint": str(self.out / "checkpoint")}
+        adapter = self.full_state()
         if main:
-            self.unwrapped().save_pretrained(self.out / "checkpoint")
+            self.unwrapped().save_pretrained(self.out / "checkpoint", adapter)
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         self.acc.wait_for_everyone()  # every rank tears the process group down after rank 0's writes
         self.acc.end_training()
