@@ -155,8 +155,8 @@ def stream_answer(model: AdemVLModel, image: Any, question: str, lock: threading
 
 def examples(data_root: str | Path | None, n: int = 5) -> list[list[str | None]]:
     """[image path or None, prompt] of a few test problems of a ScienceQA-layout data set: one per
-    question type of the synthetic data (`ademvl demo --task shapes`'s), else one with and one
-    without an image; for the emoji corpus (`ademvl demo`'s), held-out Twemoji images."""
+    question type of the synthetic data (`ademvl demo`'s), else one with and one
+    without an image; for the emoji corpus (`ademvl demo --task emoji`'s), held-out Twemoji images."""
     from .tasks import scienceqa as sqa
 
     if data_root is not None and (Path(data_root) / "llava_test.json").exists():

@@ -299,7 +299,7 @@ def test_emoji_demo_end_to_end(packages, tmp_path, monkeypatch):
     # the COCO scorer (two Java runs per evaluation) is tested above; here a stand-in keeps the test short
     monkeypatch.setattr(captions, "caption_scores", lambda refs, hyps, metrics: {m: 0.5 for m in metrics})
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--eval-images", "3", "--batch-size", "8", "--model.llm", "random:tiny-llama",
+    assert main(["demo", "--task", "emoji", "--out", str(out), "--eval-images", "3", "--batch-size", "8", "--model.llm", "random:tiny-llama",
                  "--model.vision", "random:tiny-clip", "--model.vision_layer", "-2", "--model.scales", "[16,4]",
                  "--train.max_steps", "2", "--train.num_workers", "0"]) == 0
     report = json.loads((out / "report.json").read_text())
