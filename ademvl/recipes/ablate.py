@@ -372,7 +372,7 @@ def write_table(table: Table, results: dict[tuple[int, int], dict[str, Any] | No
     lines += ["", "Does the paper's ordering hold here?", ""] + [f"- {x}" for x in orderings(table, ours)]
     if table.note:
         lines += ["", table.note]
-    lines += ["", f"This sitting's jobs ran in {wall / 60:.1f} min wall."]
+    lines += ["", f"This sitting's jobs ran in {wall / 60:.1f} min wall." if plan.run else "Written with --tables-only: no job ran."]
     md = out / f"table_{table.key}.md"
     md.write_text("\n".join(lines) + "\n")
     return [md, plot_table(table, results, ours, out / f"table_{table.key}.png")]
