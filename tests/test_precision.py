@@ -171,3 +171,14 @@ def test_under_autocast_the_memory_casts_once_and_sums_dk_dv_in_place() -> None:
         assert a.dtype == torch.float32 and 0 < ((a - b).norm() / b.norm()).item() < 2**-8
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), memory.holding(k, v):
         assert memory.keys.dtype == torch.float32 and memory._tie is None  # inference: as held, no buffers
+
+
+def test_a_second_trainer_in_one_process_may_ask_another_precision(cpu_only, tmp_path: Path) -> None:
+    """Accelerate keeps one mixed precision per process; train() from Python twice (bf16, then fp32, as a
+    GPU machine's test run did: auto there is bf16) must not be refused."""
+    def trainer(setting: str) -> Trainer:
+        return Trainer(load_run_config(TINY, ["--train.output_dir", str(tmp_path / setting), "--train.max_steps", "1",
+                                              "--train.num_workers", "0", "--train.mixed_precision", setting]))
+
+    assert trainer("bf16").acc.mixed_precision == "bf16"
+    assert trainer("fp32").acc.mixed_precision == "no"

@@ -66,8 +66,12 @@ def test_two_sharded_processes_train_as_one_save_a_whole_adapter_and_resume_exac
     assert losses(full) == pytest.approx(losses(one_process), rel=1e-6, abs=0)
     a, b = weights(full), weights(one_process)
     assert a.keys() == b.keys()
-    for k in a:  # whole tensors in the model's shapes, not one rank's shard
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    # Whole tensors in the model's shapes, not one rank's shard. 1e-5 is under 1/500 of one step's lr
+    # (7.8e-3); measured: 4 of one tensor's 8,192 entries differ by up to 3.4e-6 after 4 steps while the
+    # gradient norms agree to 1e-6 (AdamW's division by sqrt(v) + eps amplifies the rounding of another
+    # reduction order where a gradient is tiny).
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
 
     # The frozen LLM's parameter bytes held per rank: FSDP2 halves them; ZeRO-2 shards only the
     # trainable weights' gradients and optimizer state, the LLM stays whole.

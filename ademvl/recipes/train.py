@@ -163,6 +163,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, resume: str | None = None) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
 
         self.cfg = cfg
@@ -173,6 +174,10 @@ class Trainer:
         # cpu=True on a machine without an accelerator lets torchrun start gloo data parallel; it
         # would also switch DeepSpeed off, which runs on CPUs by itself (gloo).
         stage = sharding.zero_stage(self.tc.sharding)
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # Accelerate keeps one mixed precision per process: a second train() from Python (a notebook, a
+            # test) that asks for another one would be refused. One process has nothing to keep in sync.
+            AcceleratorState._reset_state()
         plugin = sharding.deepspeed_plugin(stage, self.tc) if stage and sharding.launcher_asks() != "deepspeed" else None
         self.acc = Accelerator(mixed_precision=self.precision, cpu=not (torch.accelerator.is_available() or stage),
                                deepspeed_plugin=plugin, kwargs_handlers=sharding.process_group_kwargs(stage),
