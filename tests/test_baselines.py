@@ -10,7 +10,8 @@ from ademvl import hub
 from ademvl.config import AdemVLConfig
 from ademvl.data import IGNORE_INDEX
 from ademvl.model import AdemVLModel, decoder_layers
-from ademvl.bench.baselines import LORA_TARGETS, METHODS, build_peer, build_peers, fuse_released, fuse_memvp, memvp_config
+from ademvl.fusion import fuse_memvp_form
+from ademvl.bench.baselines import LORA_TARGETS, METHODS, build_peer, build_peers, fuse_released, memvp_config
 from ademvl.bench.peer import make_batch, twin
 from ademvl.vision import blocks_to_run, tower_features
 
@@ -147,7 +148,7 @@ def test_memvp_peer_adds_memvp_fusion_at_every_mlp(base, peers) -> None:
     cfg = peer.model.config
     patches = (vision.config.image_size // vision.config.patch_size) ** 2
     assert cfg == memvp_config(CONFIG, patches).replace(base=cfg.base)
-    assert cfg.scales == (patches,) and cfg.drop_ratio == 0 and not cfg.use_cls and peer.model.memory.fusion is fuse_memvp
+    assert cfg.scales == (patches,) and cfg.drop_ratio == 0 and not cfg.use_cls and peer.model.memory.fusion is fuse_memvp_form
     perturb(peer)
     b = batch(llm)
     mlp = decoder_layers(peer.model.llm)[1].mlp

@@ -4,7 +4,7 @@
     adem-vl             ours (ademvl.model.AdemVLModel, its own fusion `ademvl.fusion.fuse`)
     adem-vl-reference   the same model with the released code's fusion (`fuse_released`: keys
                         re-activated in every layer, threshold by a full sort of every row)
-    memvp               MemVP-style (`fuse_memvp`): visual features as extra FFN memory at every
+    memvp               MemVP-style (`fusion.fuse_memvp_form`): visual features as extra FFN memory at every
                         layer, out += alpha * silu(h_n @ K^T) @ V; one scale (the patch grid),
                         nothing dropped, no [cls] token (ADEM-VL.md, "The peers")
     llava               LLaVA-style input extension: the patch tokens of the same tower through
@@ -21,7 +21,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdemVLConfig
@@ -49,11 +48,6 @@ def fuse_released(h_n: Tensor, k: Tensor, v: Tensor, alpha: float, drop_ratio: f
     if n_drop > 0:
         scores = scores * (~released_drop_mask(scores, n_drop)).to(scores.dtype)
     return alpha * (scores @ v)  # (B, T, d)
-
-
-def fuse_memvp(h_n: Tensor, k: Tensor, v: Tensor, alpha: float, drop_ratio: float = 0.0, qk_act: str = "none") -> Tensor:
-    """MemVP's visual memory at the FFN: alpha * silu(h_n @ K^T) @ V; nothing dropped, no qk activation."""
-    return alpha * (F.silu(h_n @ k.transpose(1, 2)) @ v)  # (B, T, N) @ (B, N, d) -> (B, T, d)
 
 
 class TextOnly(Peer):
@@ -116,11 +110,10 @@ class AdemPeer(Peer):
 
 
 def memvp_config(config: AdemVLConfig, patches: int) -> AdemVLConfig:
-    """MemVP inside our framework: one scale (the whole patch grid), no drop, no [cls].
-
-    qk_act "none": MemVP applies silu to the product h_n @ K^T, not to query and key (`fuse_memvp`).
-    """
-    return config.replace(scales=(patches,), drop_ratio=0.0, use_cls=False, qk_act="none", base={})
+    """MemVP inside our framework: one scale (the whole patch grid), no drop, no [cls], and its form
+    alpha * silu(h_n @ K^T) @ V: silu on the product, not on query and key (Table VI's baseline row,
+    `fusion.fuse_memvp_form`, which the model picks for fusion_form "memvp")."""
+    return config.replace(scales=(patches,), drop_ratio=0.0, use_cls=False, fusion_form="memvp", qk_act="silu", base={})
 
 
 class LlavaPeer(Peer):
@@ -194,7 +187,7 @@ def build_peer(method: str, llm: nn.Module, vision: nn.Module, config: AdemVLCon
             return AdemPeer(AdemVLModel(llm, vision, config.replace(base={}), fusion=fuse_released), method)
         if method == "memvp":
             patches = (vision.config.image_size // vision.config.patch_size) ** 2
-            return AdemPeer(AdemVLModel(llm, vision, memvp_config(config, patches), fusion=fuse_memvp), method)
+            return AdemPeer(AdemVLModel(llm, vision, memvp_config(config, patches)), method)
         return LlavaPeer(llm, vision, config.vision_layer, lora_rank=lora_rank)
 
 

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from .. import hub
 from ..config import AdemVLConfig, RunConfig, TrainConfig, config_path, load_run_config, overrides_to_dotlist
@@ -267,7 +266,7 @@ def changes(cfg: RunConfig) -> list[dict[str, Any]]:
 
 
 def render_report(r: dict[str, Any]) -> str:
-    res, tr, times = r["results"], r["train"], r["times"]
+    res, times = r["results"], r["times"]
     qtypes = [q for q in shapes.QTYPES if q in res["trained"]["per_type"]]
     lines = [
         "# ADEM-VL demo report", "",
@@ -314,20 +313,26 @@ def render_report(r: dict[str, Any]) -> str:
               f"- with images blanked <= 40%: {res['images_blanked']['per_type']['image_questions']:.1f}% "
               f"({'met' if r['targets']['blanked_le_40'] else 'NOT met'})",
               f"- whole command <= 15 min: {times['total_s'] / 60:.1f} min ({'met' if r['targets']['total_le_15_min'] else 'NOT met'})",
-              "", "## Training", "",
-              f"- trainable parameters: {r['trainable_params']:,}",
-              f"- steps: {tr['steps']}, total batch {r['config']['train'].get('batch_size')} x "
-              f"{r['config']['train'].get('grad_accum', 1)}, {tr['sec_per_step']:.2f} s per step, final loss {tr['final_loss']:.4f}",
-              f"- precision of the training steps: {tr.get('precision_note', 'fp32')}; evaluation in fp32",
-              f"- wall time: data {times['data_s']:.0f} s, model set-up {times['setup_s']:.0f} s, training {times['train_s']:.0f} s, "
-              f"evaluation and figures {times['eval_s']:.0f} s, total {times['total_s']:.0f} s",
-              "", "![loss](loss.png)", "",
-              "## Changes from the paper's defaults", "",
-              f"The library's defaults are the paper's; the demo config changes these for a short CPU budget "
-              f"(the measurements behind each are in {CHANGES_DOC}):", "",
-              "| setting | paper | demo |", "|---|---|---|"]
-    lines += [f"| {c['setting']} | {c['paper']} | {c['demo']} |" for c in r["changes_from_paper_defaults"]]
-    lines += ["", "## Adaptive fusion: drop decisions (Fig. 3)", "",
-              f"Visual tokens dropped (red) for the last prompt token at layers {r['drops']['layers']}, both scales:", "",
-              "![drops](drops.png)", ""]
+              ""] + training_sections(r, CHANGES_DOC, "data")
     return "\n".join(lines) + "\n"
+
+
+def training_sections(r: dict[str, Any], changes_doc: str, data_name: str) -> list[str]:
+    """The report's Training, changes-from-the-paper and drop-decision sections (both demos)."""
+    tr, times = r["train"], r["times"]
+    lines = ["## Training", "",
+             f"- trainable parameters: {r['trainable_params']:,}",
+             f"- steps: {tr['steps']}, total batch {r['config']['train'].get('batch_size')} x "
+             f"{r['config']['train'].get('grad_accum', 1)}, {tr['sec_per_step']:.2f} s per step, final loss {tr['final_loss']:.4f}",
+             f"- precision of the training steps: {tr.get('precision_note', 'fp32')}; evaluation in fp32",
+             f"- wall time: {data_name} {times['data_s']:.0f} s, model set-up {times['setup_s']:.0f} s, training "
+             f"{times['train_s']:.0f} s, evaluation and figures {times['eval_s']:.0f} s, total {times['total_s']:.0f} s",
+             "", "![loss](loss.png)", "",
+             "## Changes from the paper's defaults", "",
+             f"The library's defaults are the paper's; the demo config changes these for a short CPU budget "
+             f"(the measurements behind each are in {changes_doc}):", "",
+             "| setting | paper | demo |", "|---|---|---|"]
+    lines += [f"| {c['setting']} | {c['paper']} | {c['demo']} |" for c in r["changes_from_paper_defaults"]]
+    return lines + ["", "## Adaptive fusion: drop decisions (Fig. 3)", "",
+                    f"Visual tokens dropped (red) for the last prompt token at layers {r['drops']['layers']}, both scales:",
+                    "", "![drops](drops.png)", ""]

@@ -25,7 +25,7 @@ from ..config import config_path, load_run_config
 from ..data import Sample
 from ..model import AdemVLModel
 from ..tasks import emoji as task
-from .demo import changes, fit, plot_drop_rows, plot_loss, tower_note
+from .demo import changes, fit, plot_drop_rows, plot_loss, tower_note, training_sections
 
 REPO_CONFIG = config_path("demo_emoji")
 CHANGES_DOC = "docs/emoji.md"
@@ -150,7 +150,7 @@ def run_emoji_demo(out: str | Path = "runs/demo", config: str | Path = REPO_CONF
 
 
 def render_report(r: dict[str, Any]) -> str:
-    res, tr, times = r["results"], r["train"], r["times"]
+    res, times = r["results"], r["times"]
     names = {"trained": "ADEM-VL, held-out Twemoji (test)", "val": "ADEM-VL, EmojiOne (val)",
              "images_blanked": "same as test, every image blanked", "untrained": "untrained (initial weights), test"}
 
@@ -189,18 +189,5 @@ def render_report(r: dict[str, Any]) -> str:
               + ", ".join(f"{q} {res['images_blanked'][f'mc_{q}']:.1f}%" for q in task.QTYPES)
               + f" ({'met' if t['blanked_within_5_of_chance'] else 'NOT met'})",
               f"- whole command <= 15 min: {times['total_s'] / 60:.1f} min ({'met' if t['total_le_15_min'] else 'NOT met'})",
-              "", "## Gallery (held-out Twemoji)", "", "![gallery](gallery.png)", "",
-              "## Training", "",
-              f"- trainable parameters: {r['trainable_params']:,}",
-              f"- steps: {tr['steps']}, batch {r['config']['train'].get('batch_size')}, {tr['sec_per_step']:.2f} s per step, "
-              f"final loss {tr['final_loss']:.4f}",
-              f"- wall time: corpus {times['data_s']:.0f} s, model set-up {times['setup_s']:.0f} s, training {times['train_s']:.0f} s, "
-              f"evaluation and figures {times['eval_s']:.0f} s, total {times['total_s']:.0f} s",
-              "", "![loss](loss.png)", "",
-              "## Changes from the paper's defaults", "", f"(the measurements behind them: {CHANGES_DOC})", "",
-              "| setting | paper | demo |", "|---|---|---|"]
-    lines += [f"| {c['setting']} | {c['paper']} | {c['demo']} |" for c in r["changes_from_paper_defaults"]]
-    lines += ["", "## Adaptive fusion: drop decisions (Fig. 3)", "",
-              f"Visual tokens dropped (red) for the last prompt token at layers {r['drops']['layers']}, both scales:", "",
-              "![drops](drops.png)", ""]
-    return "\n".join(lines) + "\n"
+              "", "## Gallery (held-out Twemoji)", "", "![gallery](gallery.png)", ""]
+    return "\n".join(lines + training_sections(r, CHANGES_DOC, "corpus")) + "\n"
