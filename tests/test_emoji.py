@@ -19,7 +19,7 @@ from ademvl.recipes.evaluate import evaluate
 from ademvl.tasks import coco, instruct, scienceqa
 from ademvl.tasks import emoji as task
 
-from .conftest import tiny_model
+from .conftest import perturb, tiny_model
 from .test_evaluate import script
 
 GROUPS = [("smileys-emotion", "smileys & emotion"), ("people-body", "people & body"), ("component", "component"),
@@ -242,7 +242,7 @@ def test_eval_emoji_on_twemoji_pngs(packages, tmp_path, monkeypatch, capsys):
     Image.open(folder / "1f34e.png").convert("LA").save(folder / "1f34f.png")  # any mode
     Image.open(folder / "1f34e.png").convert("RGB").resize((13, 200)).save(folder / "1f350.jpg")  # any size
     base = str(packages / emoji.PACKAGES["emojibase"].tarball)
-    opts = task.EvalOptions(images=str(folder), emojibase=base)
+    opts = task.EvalOptions(images=str(folder), emojibase=base, mc="generate")
     with pytest.warns(UserWarning, match="1 of 7 images are not named by the code points of an emoji concept"):
         samples = task.eval_samples(opts)
     assert len(samples) == 6 * 4 and {s.meta["qtype"] for s in samples} == {"naming", "name", "group", "subgroup"}
@@ -277,6 +277,37 @@ def test_eval_emoji_on_twemoji_pngs(packages, tmp_path, monkeypatch, capsys):
     assert {k: v for k, v in scores.items() if k.endswith("_n")} == {"naming_n": 2, "mc_name_n": 2, "mc_group_n": 2, "mc_subgroup_n": 2}
     some = task.eval_samples(task.EvalOptions(images=str(folder), emojibase=base, qtypes=["naming", "group"], limit=2))
     assert [s.meta["qtype"] for s in some] == ["naming", "group"] * 2
+
+
+def test_eval_emoji_forced_choice(packages, tmp_path, monkeypatch):
+    """--mc choice (the default): each multiple choice is the option letter with the highest logit
+    after "The answer is" (ScienceQA's letter_logits), written as that answer; naming still generates."""
+    from ademvl.tasks.scienceqa import letter_logits
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for name in ("1f600.png", "1f34e.png", "1f346.png"):
+        shutil.copy(twemoji_pngs() / name, folder / name)
+    opts = task.EvalOptions(images=str(folder), emojibase=str(packages / emoji.PACKAGES["emojibase"].tarball))
+    samples = task.eval_samples(opts)
+    model = tiny_model()
+    perturb(model)
+    mc = [s for s in samples if s.meta["choices"]]
+    logits = {s.id: letter_logits(model, [s])[s.id][:4] for s in mc}  # one at a time: no padding
+    assert all(len(set(v.tolist())) == 4 for v in logits.values())  # no ties: the argmax is a choice
+    want = {k: "ABCD"[int(v.argmax())] for k, v in logits.items()}
+    generated = []
+    script(model, monkeypatch, lambda i: generated.append(i) or "red apple")
+    r = evaluate(model, "emoji", opts, out_dir=tmp_path / "out", batch_size=4, samples=samples)
+    assert len(generated) == 3  # the naming questions only
+    rows = {f"{row['file']}:{row['qtype']}": row for row in r.outputs["preds.json"]}
+    assert {s.id: rows[s.id]["output"] for s in mc} == {k: f"The answer is {v}." for k, v in want.items()}
+    for q in task.QTYPES:
+        assert r.scores[f"mc_{q}_unreadable"] == 0
+        assert r.scores[f"mc_{q}"] == pytest.approx(100 * sum("ABCD".index(want[s.id]) == s.meta["truth"]
+                                                              for s in mc if s.meta["qtype"] == q) / 3)
+    with pytest.raises(ValueError, match="--mc guess: choose choice or generate"):
+        evaluate(model, "emoji", task.EvalOptions(images=str(folder), mc="guess"), samples=samples)
 
 
 def test_eval_emoji_errors(packages, tmp_path):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from ademvl import AdemVLModel
 from ademvl.cli import main
 from ademvl.config import RunConfig, TrainConfig, load_run_config
-from ademvl.recipes.train import StepBatches, Trainer, global_batch, list_checkpoints, train
+from ademvl.recipes.train import GROUP_SPAN, StepBatches, Trainer, global_batch, list_checkpoints, train
 
 from .conftest import tiny_model
 
@@ -72,6 +72,26 @@ def test_schedule_and_data_order(tmp_path: Path) -> None:
     assert sorted(epoch0) == sorted(set(epoch0)) and len(epoch0) == 16  # each sample at most once, drop-last
     assert global_batch(4, 17, 4, 0) != global_batch(0, 17, 4, 0)  # a new permutation per epoch
     assert global_batch(5, 17, 4, 0) == global_batch(5, 17, 4, 0)  # a function of the step alone
+
+
+def test_group_by_length_batches_like_lengths() -> None:
+    n, tb = 2000, 8
+    lengths = [(i * 7919) % 60 + 10 for i in range(n)]  # 10 .. 69 tokens
+    steps = n // tb
+    epoch0 = [global_batch(s, n, tb, 3, lengths) for s in range(steps)]
+    flat = [i for b in epoch0 for i in b]
+    assert sorted(flat) == list(range(n))  # still every sample once per epoch
+    plain = [global_batch(s, n, tb, 3) for s in range(steps)]
+    pad = lambda bs: sum(max(lengths[i] for i in b) * len(b) for b in bs)  # tokens computed, padding included
+    assert pad(epoch0) < 0.75 * pad(plain)  # random batches pad to ~62 on average; grouped ones hardly pad
+    # each run of GROUP_SPAN batches of the epoch's permutation is what got sorted
+    span = GROUP_SPAN * tb
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(3 * 100_003)).tolist()
+    assert {tuple(sorted(b)) for b in epoch0} == {
+        tuple(sorted(run[k:k + tb])) for i in range(0, n, span)
+        for run in [sorted(perm[i:i + span], key=lambda j: lengths[j])] for k in range(0, len(run), tb)}
+    assert global_batch(steps + 2, n, tb, 3, lengths) != epoch0[2]  # a new grouping per epoch
+    assert global_batch(7, n, tb, 3, lengths) == epoch0[7]  # a function of the step alone (resume)
 
 
 def test_resume_auto_ends_with_the_weights_of_an_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:

@@ -173,7 +173,10 @@ def render_report(r: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(cell(sc, k) for k in ("naming_exact", "naming_token_f1", "naming_bleu_4",
                                                                           "naming_cider", "mc_name", "mc_group", "mc_subgroup")) + " |")
     un = res["unseen"]
-    lines += ["", f"Chance on every multiple-choice type: {CHANCE:.0f}%. Concepts never trained (held-out Twemoji): "
+    lines += ["", "Naming is the greedy generation, compared whole (case-insensitive). Multiple choice is read by forced "
+              "choice (`ademvl eval emoji --mc choice`): the option letter the model scores highest right after "
+              "\"The answer is\", so every question gets an answer and a blanked image reads as the text's prior.", "",
+              f"Chance on every multiple-choice type: {CHANCE:.0f}%. Concepts never trained (held-out Twemoji): "
               f"group {un['mc_group']:.1f}%, subgroup {un['mc_subgroup']:.1f}% ({un['mc_group_n']} images).", "",
               "## The linear read-out reference (NOTES.md)", "",
               "A scout's linear classifiers on the frozen MobileNetV2's features at 224 px, trained on the same train "

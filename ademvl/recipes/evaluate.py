@@ -83,8 +83,19 @@ def evaluate(model: Any, task: str, opts: Any, out_dir: str | Path | None = None
         from ..released_protocol import processor_for
 
         processor = processor_for(model, task)
-    texts = generate_texts(model, samples, batch_size, desc=f"{task} {getattr(opts, 'split', '')}".strip(),
+    # A task may read its multiple choice by forced choice (emoji: --mc choice): the option letter the
+    # model scores highest after "The answer is" (one forward, no generation); written as that answer.
+    chosen = [s for s in samples if s.meta.get("choices")] if getattr(t, "forced_choice", None) and t.forced_choice(opts) else []
+    free = [s for s in samples if not s.meta.get("choices")] if chosen else samples
+    texts = generate_texts(model, free, batch_size, desc=f"{task} {getattr(opts, 'split', '')}".strip(),
                            processor=processor, precision=precision, **t.generation(opts))
+    if chosen:
+        from ..tasks.scienceqa import ANSWER_PREFIX, LETTERS, forced_choice
+
+        letters = forced_choice(model, chosen, batch_size)
+        by_id = {s.id: text for s, text in zip(free, texts)}
+        by_id.update({s.id: f"{ANSWER_PREFIX} {LETTERS[letters[s.id]]}." for s in chosen})
+        texts = [by_id[s.id] for s in samples]
     outputs = t.predict(samples, texts, opts)
     scores = t.score_outputs(outputs, opts)
     if out_dir is not None:

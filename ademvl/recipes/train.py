@@ -31,6 +31,7 @@ checkpoint as the newest complete one. The final weights go to OUT/checkpoint/.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -87,12 +88,35 @@ def load_data(data_cfg: dict[str, Any]) -> list[Sample]:
 
 
 # ---- data order ------------------------------------------------------------------------------
-def global_batch(step: int, n: int, total_batch: int, seed: int) -> list[int]:
-    """Sample indices of optimizer step `step`: a seeded permutation per epoch, drop-last."""
+def global_batch(step: int, n: int, total_batch: int, seed: int, lengths: list[int] | None = None) -> list[int]:
+    """Sample indices of optimizer step `step`: a seeded permutation per epoch, drop-last.
+
+    lengths (train.group_by_length): each run of GROUP_SPAN batches of the permutation is sorted by
+    sample length and cut into batches again, and the epoch's batches are shuffled: a batch pads
+    to its own longest sample, so batches of like lengths compute on fewer padding tokens (the
+    Hugging Face Trainer's group_by_length, as a function of the step alone, so resuming stays exact).
+    """
     per_epoch = n // total_batch
     epoch, pos = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    return perm[pos * total_batch : (pos + 1) * total_batch]
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    if lengths is None:
+        return perm[pos * total_batch : (pos + 1) * total_batch]
+    return _grouped_epoch(tuple(perm[: per_epoch * total_batch]), total_batch, tuple(lengths), seed * 100_003 + epoch)[pos]
+
+
+GROUP_SPAN = 50  # batches sorted together by train.group_by_length (the HF Trainer's megabatch)
+
+
+@functools.lru_cache(maxsize=2)
+def _grouped_epoch(perm: tuple[int, ...], total_batch: int, lengths: tuple[int, ...], seed: int) -> list[list[int]]:
+    span = GROUP_SPAN * total_batch
+    batches = []
+    for i in range(0, len(perm), span):
+        run = sorted(perm[i : i + span], key=lambda j: lengths[j])
+        batches += [run[k : k + total_batch] for k in range(0, len(run), total_batch)]
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    return [batches[k] for k in order]
 
 
 class StepBatches(Sampler[list[int]]):
@@ -104,16 +128,16 @@ class StepBatches(Sampler[list[int]]):
     """
 
     def __init__(self, n: int, batch_size: int, grad_accum: int, world: int, rank: int, seed: int,
-                 start: int, stop: int) -> None:
+                 start: int, stop: int, lengths: list[int] | None = None) -> None:
         self.n, self.b, self.accum, self.world, self.rank, self.seed = n, batch_size, grad_accum, world, rank, seed
-        self.start, self.stop = start, stop
+        self.start, self.stop, self.lengths = start, stop, lengths
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start) * self.accum
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start, self.stop):
-            idx = global_batch(step, self.n, self.b * self.accum * self.world, self.seed)
+            idx = global_batch(step, self.n, self.b * self.accum * self.world, self.seed, self.lengths)
             for m in range(self.accum):
                 j = (m * self.world + self.rank) * self.b
                 yield idx[j : j + self.b]
@@ -261,8 +285,9 @@ class Trainer:
 
     def batches(self, start: int) -> DataLoader:
         """This rank's collated micro-batches from optimizer step `start` on (see the module docstring)."""
+        lengths = [len(self.processor.encode(s)["input_ids"]) for s in self.samples] if self.tc.group_by_length else None
         sampler = StepBatches(len(self.samples), self.tc.batch_size, self.tc.grad_accum, self.acc.num_processes,
-                              self.acc.process_index, self.tc.seed, start, self.max_steps)
+                              self.acc.process_index, self.tc.seed, start, self.max_steps, lengths)
         workers = self.tc.num_workers
         # Its own generator: a DataLoader draws its workers' base seed from it, and drawing from the
         # global one would shift the dropout masks of a resumed run.

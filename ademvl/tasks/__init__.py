@@ -13,6 +13,9 @@ A task that can be evaluated (`ademvl eval NAME`, `ademvl score NAME`) also expo
                                         into the files the task's standard scorer takes
     score_outputs(outputs, opts)     -> scores of those outputs (None when no ground truth)
     summary(outputs, samples, opts)  -> one line for the console
+    forced_choice(opts)              -> (optional) True: samples with meta["choices"] are answered
+                                        by the option letter scored highest after "The answer is"
+                                        (one forward each) instead of by generation
     ScoreOptions                     dataclass: the files `ademvl score NAME` reads
     score_files(opts)                -> scores of predictions made elsewhere
     format_scores(scores, name)      -> the paper's table row(s)

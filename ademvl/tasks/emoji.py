@@ -183,6 +183,16 @@ class EvalOptions:
     seed: int = option(0, "seed of the options' order and distractors")
     max_new_tokens: int = option(16, "answer length limit")
     blank_images: bool = option(False, "ask without the image (indicator 0): the text-only control")
+    mc: str = option("choice", "how a multiple-choice answer is read: choice (the option letter the model scores "
+                               "highest right after 'The answer is': one forward, always an answer) or generate "
+                               "(the generated text; a reply without a readable letter counts as wrong)")
+
+
+def forced_choice(o: EvalOptions) -> bool:
+    """Whether the multiple-choice questions are answered by forced choice (the evaluation loop asks)."""
+    if o.mc not in ("choice", "generate"):
+        raise ValueError(f"--mc {o.mc}: choose choice or generate")
+    return o.mc == "choice"
 
 
 def key_of(path: Path) -> str:
