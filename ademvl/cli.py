@@ -267,13 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="synthetic ScienceQA -> train -> evaluate -> runs/demo/report.md (CPU, ~13 min); "
-                                    "--task emoji: the emoji corpus, evaluated on a held-out art style (not yet tuned)",
+                                    "--task emoji: the emoji corpus, evaluated on a held-out art style (needs hours of CPU training: docs/emoji.md)",
                        description="Config keys can be overridden as in `ademvl train`: --train.max_steps 50 ...")
     # shapes stays the default until the emoji demo reaches its targets (docs/emoji.md): a user's first
     # command must end in a model that works.
     p.add_argument("--task", choices=("emoji", "shapes"), default="shapes",
                    help="shapes: synthetic ScienceQA of coloured shapes; emoji: real emoji artwork, held-out Twemoji "
-                        "(not yet tuned: docs/emoji.md)")
+                        "(its 15 minutes on a 2-core CPU stay at chance: docs/emoji.md)")
     p.add_argument("--out", default="runs/demo", help="output directory (checkpoint/, report.md, report.json, figures)")
     p.add_argument("--config", default=None, help="training config (default: the shipped demo_emoji.yaml / demo.yaml)")
     p.add_argument("--n", type=int, default=4000, help="shapes: problems to generate (10%% are the test split)")

@@ -85,7 +85,7 @@ def evaluate(model: Any, task: str, opts: Any, out_dir: str | Path | None = None
         processor = processor_for(model, task)
     # A task may read its multiple choice by forced choice (emoji: --mc choice): the option letter the
     # model scores highest after "The answer is" (one forward, no generation); written as that answer.
-    chosen = [s for s in samples if s.meta.get("choices")] if getattr(t, "forced_choice", None) and t.forced_choice(opts) else []
+    chosen = [s for s in samples if s.meta.get("choices")] if getattr(t, "choice_by_logits", None) and t.choice_by_logits(opts) else []
     free = [s for s in samples if not s.meta.get("choices")] if chosen else samples
     texts = generate_texts(model, free, batch_size, desc=f"{task} {getattr(opts, 'split', '')}".strip(),
                            processor=processor, precision=precision, **t.generation(opts))

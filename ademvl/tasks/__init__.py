@@ -13,7 +13,7 @@ A task that can be evaluated (`ademvl eval NAME`, `ademvl score NAME`) also expo
                                         into the files the task's standard scorer takes
     score_outputs(outputs, opts)     -> scores of those outputs (None when no ground truth)
     summary(outputs, samples, opts)  -> one line for the console
-    forced_choice(opts)              -> (optional) True: samples with meta["choices"] are answered
+    choice_by_logits(opts)           -> (optional) True: samples with meta["choices"] are answered
                                         by the option letter scored highest after "The answer is"
                                         (one forward each) instead of by generation
     ScoreOptions                     dataclass: the files `ademvl score NAME` reads

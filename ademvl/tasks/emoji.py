@@ -188,7 +188,7 @@ class EvalOptions:
                                "(the generated text; a reply without a readable letter counts as wrong)")
 
 
-def forced_choice(o: EvalOptions) -> bool:
+def choice_by_logits(o: EvalOptions) -> bool:
     """Whether the multiple-choice questions are answered by forced choice (the evaluation loop asks)."""
     if o.mc not in ("choice", "generate"):
         raise ValueError(f"--mc {o.mc}: choose choice or generate")
