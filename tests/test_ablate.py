@@ -16,7 +16,7 @@ from ademvl.config import FUSION_POSITIONS
 from ademvl.data import IMAGE_TOKEN_ID
 from ademvl.fusion import fuse_memvp_form
 from ademvl.released import export_released
-from ademvl.recipes.ablate import TABLES, count_rows, on_grid
+from ademvl.recipes.ablate import TABLES, breakdown, count_rows, on_grid
 
 from .conftest import perturb, samples, tiny_model
 
@@ -231,6 +231,9 @@ def test_ablate_runs_rows_writes_tables_and_resumes(tmp_path) -> None:
     assert f"| 1 | {TABLES['VI'].rows[0].name} | 92.45 | {scores[baseline]:.2f} |" in table
     assert f"| 5 | {TABLES['VI'].rows[4].name} | 93.85 | {scores[adem]:.2f} |" in table
     assert "best row: paper '+ adaptive fusion (ADEM-VL)'" in table
+    types = sorted({json.loads((out / "data" / "problems.json").read_text())[pid]["qtype"]
+                    for pid in json.loads((out / "data" / "pid_splits.json").read_text())["test"][:4]})
+    assert "| # | row | " + " | ".join(types) + " | most common answer |" in table  # the breakdown, by the test's types
 
     finished, killed = results
     before = finished.stat().st_mtime_ns
@@ -244,6 +247,21 @@ def test_ablate_runs_rows_writes_tables_and_resumes(tmp_path) -> None:
     killed.unlink()  # --tables-only runs nothing: the row shows as not finished
     assert main(argv + ["--tables-only"]) == 0
     assert not killed.is_file() and "0: not finished" in (out / "table_VI.md").read_text()
+
+
+def test_breakdown_by_question_type_and_most_common_answer(tmp_path) -> None:
+    """Per-type accuracy over the split's first `limit` problems (a problem without a prediction is
+    wrong), and the most common answer's share, which exposes a row that answers one letter everywhere."""
+    data, job = tmp_path / "data", tmp_path / "job"
+    (job / "eval").mkdir(parents=True)
+    data.mkdir()
+    (data / "problems.json").write_text(json.dumps({f"p{i}": {"qtype": q, "answer": a} for i, (q, a) in
+                                                    enumerate([("name", 0), ("name", 1), ("group", 2), ("group", 3)])}))
+    (data / "pid_splits.json").write_text(json.dumps({"test": ["p0", "p1", "p2", "p3"]}))
+    (job / "eval" / "preds.json").write_text(json.dumps({"p0": 0, "p1": 0, "p2": 2}))
+    assert breakdown(job, data, "test", None) == {"group": 50.0, "name": 50.0, "most common answer": 50.0}
+    assert breakdown(job, data, "test", 2) == {"name": 50.0, "most common answer": 100.0}
+    assert breakdown(tmp_path / "unfinished", data, "test", None) is None
 
 
 def count_tiny(table: str, row: int) -> int:

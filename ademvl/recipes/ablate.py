@@ -27,7 +27,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -315,10 +317,39 @@ def run_ablation(plan: Plan) -> list[Path]:
     wall = time.time() - start
     written = []
     for t in plan.tables:
-        results = {(i, s): read_json(job / RESULT, "an ablation result", form=dict) if (job / RESULT).is_file() else None
-                   for (tt, i, s), job in specs.items() if tt == t}
+        results = {(i, s): finished(job, data, plan) for (tt, i, s), job in specs.items() if tt == t}
         written += write_table(TABLES[t], results, plan, out, wall)
     return written
+
+
+def finished(job: Path, data: Path, plan: Plan) -> dict[str, Any] | None:
+    """A finished job's result.json with its answers broken down (`breakdown`); None while unfinished."""
+    if not (job / RESULT).is_file():
+        return None
+    return {**read_json(job / RESULT, "an ablation result", form=dict), "breakdown": breakdown(job, data, plan.split, plan.limit)}
+
+
+@lru_cache(maxsize=4)
+def _problems_and_split(data: str, split: str) -> tuple[dict[str, Any], list[str]]:
+    return (read_json(Path(data) / "problems.json", "ScienceQA problems", form=dict),
+            read_json(Path(data) / "pid_splits.json", "ScienceQA splits", form=dict)[split])
+
+
+def breakdown(job: Path, data: Path, split: str, limit: int | None) -> dict[str, float] | None:
+    """Accuracy (%) per question type (the problems' `qtype`, which the shapes and emoji data carry) and
+    the most common answer's share of all answers (%). An average alone can hide a row that answers one
+    letter everywhere: it then scores that letter's share of the truths, whatever it saw."""
+    if not (job / "eval" / "preds.json").is_file() or not (Path(data) / "pid_splits.json").is_file():
+        return None
+    problems, pids = _problems_and_split(str(data), split)
+    pids = pids[:limit] if limit is not None else pids
+    preds = read_json(job / "eval" / "preds.json", "an evaluation's predictions", form=dict)
+    right: dict[str, list[bool]] = {}
+    for pid in pids:
+        right.setdefault(problems[pid].get("qtype", "all"), []).append(preds.get(pid, -1) == problems[pid]["answer"])
+    out = {q: 100 * sum(v) / len(v) for q, v in sorted(right.items())}
+    out["most common answer"] = 100 * max(Counter(preds.get(pid, -1) for pid in pids).values()) / len(pids)
+    return out
 
 
 # ---- tables and plots --------------------------------------------------------------------------
@@ -370,12 +401,30 @@ def write_table(table: Table, results: dict[tuple[int, int], dict[str, Any] | No
         lines.append(f"| {i + 1} | {row.name} | {_fmt(row.paper)} | {_fmt(ours.get(i))} | "
                      f"{f'{min(got):.2f} - {max(got):.2f}' if got else 'n/a'} | {per_seed} | {trainable} |")
     lines += ["", "Does the paper's ordering hold here?", ""] + [f"- {x}" for x in orderings(table, ours)]
+    lines += breakdown_lines(table, results)
     if table.note:
         lines += ["", table.note]
     lines += ["", f"This sitting's jobs ran in {wall / 60:.1f} min wall." if plan.run else "Written with --tables-only: no job ran."]
     md = out / f"table_{table.key}.md"
     md.write_text("\n".join(lines) + "\n")
     return [md, plot_table(table, results, ours, out / f"table_{table.key}.png")]
+
+
+def breakdown_lines(table: Table, results: dict[tuple[int, int], dict[str, Any] | None]) -> list[str]:
+    """Each row's accuracy per question type and its most common answer's share, means over seeds."""
+    got = {k: r["breakdown"] for k, r in results.items() if r and r.get("breakdown")}
+    if not got:
+        return []
+    cols = list(dict.fromkeys(c for b in got.values() for c in b))
+    lines = ["", "Accuracy (%) by question type, and how often the most common answer was given (% of answers; "
+                 "a row near 100 answers one option everywhere), means over the seeds:", "",
+             "| # | row | " + " | ".join(cols) + " |", "|---:|---|" + "---:|" * len(cols)]
+    for i, row in enumerate(table.rows):
+        per_seed = [b for (j, _), b in got.items() if j == i]
+        if per_seed:
+            means = [sum(b.get(c, 0.0) for b in per_seed) / len(per_seed) for c in cols]
+            lines.append(f"| {i + 1} | {row.name} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
+    return lines
 
 
 def plot_table(table: Table, results: dict[tuple[int, int], dict[str, Any] | None], ours: dict[int, float],
