@@ -304,13 +304,14 @@ def run_ablation(plan: Plan) -> list[Path]:
     data = task_data(plan, out)
     specs = job_specs(plan, out, data)
     unique = list(dict.fromkeys(specs.values()))
-    pending = [job for job in unique if not (job / RESULT).is_file()] if plan.run else []
+    unfinished = [job for job in unique if not (job / RESULT).is_file()]
+    pending = unfinished if plan.run else []
     for job in pending:  # a killed job restarts afresh: only job.json is kept
         for p in job.iterdir():
             if p.name != "job.json":
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     jobs = plan.jobs or (1 if torch.cuda.is_available() else 2)
-    print(f"ademvl ablate: {len(unique)} jobs ({len(unique) - len(pending)} finished earlier), {jobs} at a time, "
+    print(f"ademvl ablate: {len(unique)} jobs ({len(unique) - len(unfinished)} finished earlier), {jobs} at a time, "
           f"{plan.steps} steps each, task {plan.task}, seeds {plan.seeds}", file=sys.stderr)
     start = time.time()
     launch(pending, jobs)
