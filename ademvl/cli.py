@@ -347,11 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Each row is a setting of AdemVLConfig (docs/ablations.md). Rows change --config "
                                    "(default: the demo's); more section.key=value overrides may follow.")
     p.add_argument("--table", nargs="+", choices=("VI", "VII", "VIII", "IX", "X", "all"), default=["all"])
-    p.add_argument("--task", default="shapes", help="shapes (made under OUT/data) or emoji (--data: its corpus)")
+    p.add_argument("--task", default="shapes", help="shapes (synthetic) or emoji (the corpus of `ademvl data emoji`); made under OUT/data unless --data")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; each row runs once per seed")
     p.add_argument("--out", default="runs/ablate", help="output directory: jobs/, table_*.md, table_*.png (rerun to resume)")
     p.add_argument("--config", default="demo", help="the run config the rows change (shipped name or path)")
-    p.add_argument("--data", default=None, help="a ScienceQA-layout directory (default for shapes: made under OUT/data)")
+    p.add_argument("--data", default=None, help="a ScienceQA-layout directory to use instead (e.g. an emoji corpus built before)")
     p.add_argument("--n", type=int, default=4000, help="shapes problems to make (80/10/10 train/val/test)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per row (a short schedule)")
     p.add_argument("--rows", type=int, nargs="+", default=None, help="only these rows (1-based) of each table")

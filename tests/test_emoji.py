@@ -358,3 +358,19 @@ def test_data_emoji_cli(packages, tmp_path, capsys):
     assert line.startswith(f"wrote {2 * len(KEPT)} images of {len(KEPT)} concepts to {out} (train ")
     with pytest.raises(ValueError, match=r"vendors \['apple'\]: choose among noto, "):
         emoji.build(out, ["apple"], npm_dir=packages)
+
+
+def test_ablate_on_the_emoji_corpus(packages, tmp_path):
+    """`ademvl ablate --task emoji` without --data builds the corpus under OUT/data (as the demo does)
+    and scores each row on its ScienceQA-layout test split, broken down by question type."""
+    shutil.copytree(packages, tmp_path / "cache" / "emoji" / "npm")  # fetched already: no npm
+    out = tmp_path / "abl"
+    assert main(["ablate", "--table", "VIII", "--rows", "5", "--task", "emoji", "--seeds", "0", "--steps", "2",
+                 "--config", "tiny", "--out", str(out), "--jobs", "1", "--limit", "6", "--batch-size", "6"]) == 0
+    splits = json.loads((out / "data" / "pid_splits.json").read_text())
+    problems = json.loads((out / "data" / "problems.json").read_text())
+    assert {problems[p]["vendor"] for p in splits["test"]} == {"twemoji"}  # the held-out family
+    (result,) = (out / "jobs").glob("*/result.json")
+    assert json.loads(result.read_text())["steps"] == 2
+    types = sorted({problems[p]["qtype"] for p in splits["test"][:6]})
+    assert "| # | row | " + " | ".join(types) + " | most common answer |" in (out / "table_VIII.md").read_text()
