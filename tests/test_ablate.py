@@ -16,7 +16,7 @@ from ademvl.config import FUSION_POSITIONS
 from ademvl.data import IMAGE_TOKEN_ID
 from ademvl.fusion import fuse_memvp_form
 from ademvl.released import export_released
-from ademvl.recipes.ablate import TABLES, breakdown, count_rows, on_grid
+from ademvl.recipes.ablate import TABLES, breakdown, count_rows, noise_of, on_grid, orderings
 
 from .conftest import perturb, samples, tiny_model
 
@@ -259,9 +259,23 @@ def test_breakdown_by_question_type_and_most_common_answer(tmp_path) -> None:
                                                     enumerate([("name", 0), ("name", 1), ("group", 2), ("group", 3)])}))
     (data / "pid_splits.json").write_text(json.dumps({"test": ["p0", "p1", "p2", "p3"]}))
     (job / "eval" / "preds.json").write_text(json.dumps({"p0": 0, "p1": 0, "p2": 2}))
-    assert breakdown(job, data, "test", None) == {"group": 50.0, "name": 50.0, "most common answer": 50.0}
-    assert breakdown(job, data, "test", 2) == {"name": 50.0, "most common answer": 100.0}
+    assert breakdown(job, data, "test", None) == {"by type": {"group": 50.0, "name": 50.0, "most common answer": 50.0},
+                                                   "questions": 4}
+    assert breakdown(job, data, "test", 2) == {"by type": {"name": 50.0, "most common answer": 100.0}, "questions": 2}
     assert breakdown(tmp_path / "unfinished", data, "test", None) is None
+
+
+def test_orderings_mark_differences_within_noise() -> None:
+    """Two standard errors of a difference, binomial: at 25% on 150 questions x 2 seeds,
+    2 * sqrt(2) * 100 * sqrt(0.25 * 0.75 / 300) = 7.07 points; steps and verdicts under it are marked."""
+    assert noise_of([20.0, 30.0], 150, 2) == pytest.approx(7.0711, abs=1e-4)
+    ours = {0: 24.0, 1: 23.33, 2: 21.34, 3: 19.66, 4: 35.0}  # Table VI's five rows
+    lines = orderings(TABLES["VI"], ours, noise=7.07)
+    assert lines[0] == ("best row: paper '+ adaptive fusion (ADEM-VL)', ours '+ adaptive fusion (ADEM-VL)': holds")
+    assert lines[1].endswith("ours '+ multiscale (256, 64)': does not hold (within noise: 4.34 < 7.07)")
+    assert lines[2].endswith("paper +0.16, ours -0.67: sign differs (within noise: 0.67 < 7.07)")
+    assert lines[5].endswith("paper +0.38, ours +15.34: same sign")  # 15.34 > 7.07: not marked
+    assert orderings(TABLES["VI"], ours) == [x.split(" (within noise")[0] for x in lines]  # no noise given: no marks
 
 
 def count_tiny(table: str, row: int) -> int:

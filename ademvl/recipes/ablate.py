@@ -329,7 +329,9 @@ def finished(job: Path, data: Path, plan: Plan) -> dict[str, Any] | None:
     """A finished job's result.json with its answers broken down (`breakdown`); None while unfinished."""
     if not (job / RESULT).is_file():
         return None
-    return {**read_json(job / RESULT, "an ablation result", form=dict), "breakdown": breakdown(job, data, plan.split, plan.limit)}
+    result = read_json(job / RESULT, "an ablation result", form=dict)
+    found = breakdown(job, data, plan.split, plan.limit)
+    return {**result, "breakdown": found and found["by type"], "questions": found and found["questions"]}
 
 
 @lru_cache(maxsize=4)
@@ -338,10 +340,11 @@ def _problems_and_split(data: str, split: str) -> tuple[dict[str, Any], list[str
             read_json(Path(data) / "pid_splits.json", "ScienceQA splits", form=dict)[split])
 
 
-def breakdown(job: Path, data: Path, split: str, limit: int | None) -> dict[str, float] | None:
-    """Accuracy (%) per question type (the problems' `qtype`, which the shapes and emoji data carry) and
-    the most common answer's share of all answers (%). An average alone can hide a row that answers one
-    letter everywhere: it then scores that letter's share of the truths, whatever it saw."""
+def breakdown(job: Path, data: Path, split: str, limit: int | None) -> dict[str, Any] | None:
+    """The number of questions scored and ("by type") the accuracy (%) per question type (the problems'
+    `qtype`, which the shapes and emoji data carry) with the most common answer's share of all answers
+    (%). An average alone can hide a row that answers one letter everywhere: it then scores that
+    letter's share of the truths, whatever it saw."""
     if not (job / "eval" / "preds.json").is_file() or not (Path(data) / "pid_splits.json").is_file():
         return None
     problems, pids = _problems_and_split(str(data), split)
@@ -350,9 +353,9 @@ def breakdown(job: Path, data: Path, split: str, limit: int | None) -> dict[str,
     right: dict[str, list[bool]] = {}
     for pid in pids:
         right.setdefault(problems[pid].get("qtype", "all"), []).append(preds.get(pid, -1) == problems[pid]["answer"])
-    out = {q: 100 * sum(v) / len(v) for q, v in sorted(right.items())}
-    out["most common answer"] = 100 * max(Counter(preds.get(pid, -1) for pid in pids).values()) / len(pids)
-    return out
+    by_type = {q: 100 * sum(v) / len(v) for q, v in sorted(right.items())}
+    by_type["most common answer"] = 100 * max(Counter(preds.get(pid, -1) for pid in pids).values()) / len(pids)
+    return {"by type": by_type, "questions": len(pids)}
 
 
 # ---- tables and plots --------------------------------------------------------------------------
@@ -360,25 +363,43 @@ def _fmt(x: float | None, sign: bool = False) -> str:
     return "n/a" if x is None else (f"{x:+.2f}" if sign else f"{x:.2f}")
 
 
-def orderings(table: Table, ours: dict[int, float]) -> list[str]:
-    """Whether the paper's ordering holds among the rows with both numbers: best, worst, each step."""
+def orderings(table: Table, ours: dict[int, float], noise: float | None = None) -> list[str]:
+    """Whether the paper's ordering holds among the rows with both numbers: best, worst, each step.
+    `noise` (points): differences smaller than it are marked "within noise"."""
     both = [i for i, r in enumerate(table.rows) if r.paper is not None and i in ours]
     if len(both) < 2:
         return ["fewer than two rows have both the paper's number and ours: no ordering to check"]
+
+    def small(diff: float) -> bool:
+        return noise is not None and abs(diff) < noise
+
     lines = []
     for word, pick in (("best", max), ("worst", min)):
         p, top = pick(both, key=lambda i: table.rows[i].paper), pick(ours[i] for i in both)
         at_top = [table.rows[i].name for i in both if ours[i] == top]
         tied = f" (tied: {len(at_top)} rows at {top:.2f})" if len(at_top) > 1 else ""
+        others = [ours[i] for i in both if ours[i] != top]
+        # does not hold: is the paper's row within noise of ours? holds: is the next row within noise?
+        gap = ours[p] - top if ours[p] != top else (top - pick(others) if others else 0.0)
+        doubt = f" (within noise: {abs(gap):.2f} < {noise:.2f})" if others and small(gap) else ""
         lines.append(f"{word} row: paper {table.rows[p].name!r}, ours {' / '.join(map(repr, at_top))}: "
-                     f"{'holds' if ours[p] == top else 'does not hold'}{tied}")
+                     f"{'holds' if ours[p] == top else 'does not hold'}{tied}{doubt}")
     if table.build_up:
         for i in range(1, len(table.rows)):
             if {i - 1, i} <= set(both):
                 dp, do = table.rows[i].paper - table.rows[i - 1].paper, ours[i] - ours[i - 1]
                 verdict = "no change here" if do == 0 else "same sign" if (dp > 0) == (do > 0) else "sign differs"
-                lines.append(f"step {table.rows[i].name!r}: paper {_fmt(dp, True)}, ours {_fmt(do, True)}: {verdict}")
+                doubt = f" (within noise: {abs(do):.2f} < {noise:.2f})" if do != 0 and small(do) else ""
+                lines.append(f"step {table.rows[i].name!r}: paper {_fmt(dp, True)}, ours {_fmt(do, True)}: {verdict}{doubt}")
     return lines
+
+
+def noise_of(scores: list[float], questions: int, seeds: int) -> float:
+    """Two standard errors of a difference between two rows' mean accuracies (points), binomial at the
+    rows' mean accuracy, each mean over `questions` x `seeds` answers: a floor, since seed-to-seed
+    training noise comes on top and the seeds answer the same questions."""
+    p = sum(scores) / len(scores) / 100
+    return 2 * math.sqrt(2) * 100 * math.sqrt(p * (1 - p) / (questions * seeds))
 
 
 def write_table(table: Table, results: dict[tuple[int, int], dict[str, Any] | None], plan: Plan, out: Path,
@@ -403,7 +424,13 @@ def write_table(table: Table, results: dict[tuple[int, int], dict[str, Any] | No
         trainable = next((f"{r['trainable']:,}" for r in runs.values() if r), "")
         lines.append(f"| {i + 1} | {row.name} | {_fmt(row.paper)} | {_fmt(ours.get(i))} | "
                      f"{f'{min(got):.2f} - {max(got):.2f}' if got else 'n/a'} | {per_seed} | {trainable} |")
-    lines += ["", "Does the paper's ordering hold here?", ""] + [f"- {x}" for x in orderings(table, ours)]
+    counts = {r["questions"] for r in results.values() if r and r.get("questions")}
+    noise = noise_of(list(ours.values()), counts.pop(), len(seeds)) if ours and len(counts) == 1 else None
+    lines += ["", "Does the paper's ordering hold here?", ""] + [f"- {x}" for x in orderings(table, ours, noise)]
+    if noise is not None:
+        lines += ["", f"Within noise: a difference under {noise:.2f} points, two standard errors of a difference "
+                      f"between two rows' means (binomial at their mean accuracy, {len(seeds)} seed(s) x the "
+                      "questions scored; a floor: training noise between seeds comes on top)."]
     lines += breakdown_lines(table, results)
     if table.note:
         lines += ["", table.note]
