@@ -347,13 +347,13 @@ def breakdown(job: Path, data: Path, split: str, limit: int | None) -> dict[str,
     letter's share of the truths, whatever it saw."""
     if not (job / "eval" / "preds.json").is_file() or not (Path(data) / "pid_splits.json").is_file():
         return None
+    from ..tasks.shapes import per_type
+
     problems, pids = _problems_and_split(str(data), split)
     pids = pids[:limit] if limit is not None else pids
     preds = read_json(job / "eval" / "preds.json", "an evaluation's predictions", form=dict)
-    right: dict[str, list[bool]] = {}
-    for pid in pids:
-        right.setdefault(problems[pid].get("qtype", "all"), []).append(preds.get(pid, -1) == problems[pid]["answer"])
-    by_type = {q: 100 * sum(v) / len(v) for q, v in sorted(right.items())}
+    by_type = per_type(problems, preds, pids)
+    by_type.pop("image_questions")  # the shapes demo's summary, not a question type
     by_type["most common answer"] = 100 * max(Counter(preds.get(pid, -1) for pid in pids).values()) / len(pids)
     return {"by type": by_type, "questions": len(pids)}
 

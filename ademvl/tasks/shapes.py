@@ -230,10 +230,11 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, shuffle_choices: bool 
 
 
 def per_type(problems: dict[str, dict[str, Any]], preds: dict[str, int], pids: list[str]) -> dict[str, float]:
-    """Accuracy (%) per question type, and over the image questions."""
+    """Accuracy (%) per question type (`qtype`; "all" for problems without one, as ScienceQA's own),
+    and over the image questions (None when there are none of the shapes kinds)."""
     right: dict[str, list[bool]] = {}
     for pid in pids:
-        right.setdefault(problems[pid]["qtype"], []).append(preds.get(pid, -1) == problems[pid]["answer"])
+        right.setdefault(problems[pid].get("qtype", "all"), []).append(preds.get(pid, -1) == problems[pid]["answer"])
     acc = {q: round(100 * sum(v) / len(v), 2) for q, v in sorted(right.items())}
     image = [x for q, v in right.items() if q in IMAGE_QTYPES for x in v]
     acc["image_questions"] = round(100 * sum(image) / len(image), 2) if image else None
